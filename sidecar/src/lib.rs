@@ -1,0 +1,42 @@
+//! The per-VM sidecar: attaches to a running QEMU over QMP and takes, stores and
+//! restores its point-in-time checkpoints.
+//!
+//! Checkpointing arrives with the sidecar issue; so far this crate only defines how
+//! a VM is named in a store.
+
+/// The name under which a VM's checkpoints are kept in a store: non-empty, made of
+/// ASCII letters, digits, `-`, `_` and `.`, not starting with a dot.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct VmName(String);
+
+impl VmName {
+    /// Validates `name`; the error says what is wrong with it.
+    pub fn new(name: &str) -> Result<VmName, String> {
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if name.is_empty() || name.len() > 64 {
+            return Err(format!("VM name {name:?} must have 1 to 64 characters"));
+        }
+        if name.starts_with('.') || !name.chars().all(ok_char) {
+            return Err(format!("VM name {name:?} may hold only letters, digits, '-', '_', '.', and not start with '.'"));
+        }
+        Ok(VmName(name.to_owned()))
+    }
+
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        assert!(VmName::new("vm-0.a_b").is_ok());
+        assert!(VmName::new("").is_err());
+        assert!(VmName::new("../etc").is_err());
+        assert!(VmName::new(".hidden").is_err());
+    }
+}

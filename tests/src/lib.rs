@@ -1,0 +1,126 @@
+//! Test support for cutline's integration tests against real QEMU.
+//!
+//! [`TestEnv`] gives each test its own directory, the guest image (built once and
+//! cached), the accelerator (KVM only when a probe boot proves it), and starts guests
+//! that are killed with their process group when the test ends, even by a panic.
+
+pub mod accel;
+pub mod control;
+pub mod guest;
+pub mod image;
+pub mod switch;
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+pub use accel::Accel;
+pub use control::Control;
+pub use guest::{DiskSpec, Guest, GuestSpec};
+pub use image::{GuestImage, ImageSpec};
+pub use switch::L2Switch;
+
+/// One test's environment: a temp dir, the image and the accelerator.
+pub struct TestEnv {
+    /// The image guests boot.
+    pub image: GuestImage,
+    /// The accelerator guests use.
+    pub accel: Accel,
+    dir: tempfile::TempDir,
+}
+
+impl TestEnv {
+    /// Prepares the environment: builds or reuses the image, decides the accelerator.
+    pub async fn new() -> anyhow::Result<TestEnv> {
+        init_tracing();
+        let spec = ImageSpec::default();
+        let image = tokio::task::spawn_blocking(move || {
+            GuestImage::get(&spec, &mut |msg| tracing::info!("{msg}"))
+        })
+        .await??;
+        let dir = tempfile::Builder::new().prefix("cutline-test-").tempdir()?;
+        let probe_image = image.clone();
+        let probe_dir = dir.path().join("probe");
+        let accel = accel::choose(&image::default_cache_dir(), move |accel, timeout| {
+            probe_boot(&probe_image, accel, &probe_dir, timeout)
+        });
+        Ok(TestEnv { image, accel, dir })
+    }
+
+    /// The test's own directory, removed when the test ends.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts one guest.
+    pub async fn guest(&self, spec: &GuestSpec) -> anyhow::Result<Guest> {
+        Ok(Guest::start(spec, &self.image, self.accel, self.dir.path()).await?)
+    }
+
+    /// Starts `n` guests on one L2 switch, each running `modes` as member `i` of `n`.
+    /// `customize` may change each spec before boot.
+    pub async fn cluster(
+        &self,
+        n: usize,
+        modes: &[&str],
+        mut customize: impl FnMut(GuestSpec) -> GuestSpec,
+    ) -> anyhow::Result<(L2Switch, Vec<Guest>)> {
+        let switch = L2Switch::start(n)?;
+        let mut guests = Vec::with_capacity(n);
+        for (i, port) in switch.ports().iter().enumerate() {
+            let mut spec = GuestSpec::new(&format!("vm{i}"), modes);
+            spec.id = i;
+            spec.peers = n;
+            spec.netdev = Some(port.netdev_arg("n0"));
+            guests.push(self.guest(&customize(spec)).await?);
+        }
+        Ok((switch, guests))
+    }
+}
+
+/// Boots an idle guest with `accel` and reports whether it reached userspace in time.
+fn probe_boot(image: &GuestImage, accel: Accel, dir: &Path, timeout: Duration) -> bool {
+    let run = async {
+        let spec = GuestSpec::new("kvm-probe", &["idle"]);
+        let guest = Guest::start(&spec, image, accel, dir).await.ok()?;
+        guest.control().wait_event("start", timeout).await.ok()
+    };
+    // Called from async code through a blocking section: run on a private runtime.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread().enable_all().build().ok().and_then(|rt| rt.block_on(run))
+        })
+        .join()
+        .ok()
+        .flatten()
+        .is_some()
+    })
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or gives up after `timeout`.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends test logs to the test's output (`RUST_LOG` filters; default `info`).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
