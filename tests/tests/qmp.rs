@@ -136,6 +136,7 @@ async fn crash_is_detected_within_100ms() -> anyhow::Result<()> {
 async fn getfd_and_migrate_into_a_pipe() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
     let guest = env.guest(&GuestSpec::new("fd", &["idle"])).await?;
+    guest.control().wait_event("start", Duration::from_secs(60)).await?;
     let qmp = guest.qmp().await?;
     let (read_end, write_end) = nix::unistd::pipe()?;
     qmp.getfd("mig", write_end.as_fd()).await?;
@@ -158,6 +159,9 @@ async fn getfd_and_migrate_into_a_pipe() -> anyhow::Result<()> {
             }
         }
     });
+    // MIGRATION events are sent only with the `events` capability on.
+    qmp.execute_raw("migrate-set-capabilities", json!({"capabilities": [{"capability": "events", "state": true}]}))
+        .await?;
     let mut events = qmp.subscribe();
     qmp.execute_raw("migrate", json!({"uri": "fd:mig"})).await?;
     events
@@ -166,7 +170,9 @@ async fn getfd_and_migrate_into_a_pipe() -> anyhow::Result<()> {
     let (bytes, head) = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
     // QEMU's migration stream starts with the magic "QEVM".
     assert_eq!(&head[..4], b"QEVM");
-    assert!(bytes > 1 << 20, "only {bytes} bytes of migration stream");
+    let info = qmp.execute_raw("query-migrate", json!({})).await?;
+    let ram = info.pointer("/ram/transferred").and_then(serde_json::Value::as_u64).expect("ram.transferred");
+    assert!(bytes >= ram && ram > 0, "pipe got {bytes} bytes, QEMU says it sent {ram} bytes of RAM");
     eprintln!("migration stream through the passed fd: {bytes} bytes");
 
     // add-fd puts a descriptor into an fd set.
