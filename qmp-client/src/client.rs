@@ -313,7 +313,12 @@ impl Qmp {
     }
 
     /// Like [`Qmp::execute_raw`] with its own timeout.
-    pub async fn execute_raw_timeout(&self, command: &str, arguments: Value, timeout: Duration) -> Result<Value, QmpError> {
+    pub async fn execute_raw_timeout(
+        &self,
+        command: &str,
+        arguments: Value,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
         self.send(command, arguments, None, false, timeout).await
     }
 
@@ -335,7 +340,12 @@ impl Qmp {
 
     /// Adds `fd` to an fd set (`add-fd`), for use as `/dev/fdset/ID` in file names.
     /// Returns QEMU's `{fdset-id, fd}`.
-    pub async fn add_fd(&self, fd: BorrowedFd<'_>, fdset_id: Option<i64>, opaque: Option<&str>) -> Result<Value, QmpError> {
+    pub async fn add_fd(
+        &self,
+        fd: BorrowedFd<'_>,
+        fdset_id: Option<i64>,
+        opaque: Option<&str>,
+    ) -> Result<Value, QmpError> {
         let mut args = json!({});
         if let Some(id) = fdset_id {
             args["fdset-id"] = json!(id);
@@ -501,7 +511,10 @@ async fn read_loop<R: AsyncRead + Unpin>(mut reader: BufReader<R>, shared: Arc<S
         let reply = match (msg.get("return"), msg.get("error")) {
             (Some(ret), _) => Ok(ret.clone()),
             (None, Some(err)) => Err(qemu_error(&command, err)),
-            (None, None) => Err(QmpError::NotQmp { target: command.clone(), reason: format!("reply without return or error: {msg}") }),
+            (None, None) => Err(QmpError::NotQmp {
+                target: command.clone(),
+                reason: format!("reply without return or error: {msg}"),
+            }),
         };
         let _ = tx.send(reply);
     };

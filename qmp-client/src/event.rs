@@ -32,11 +32,7 @@ impl Event {
 
     /// QEMU's timestamp as a `SystemTime`.
     pub fn timestamp(&self) -> SystemTime {
-        if self.timestamp_us >= 0 {
-            UNIX_EPOCH + Duration::from_micros(self.timestamp_us as u64)
-        } else {
-            UNIX_EPOCH
-        }
+        if self.timestamp_us >= 0 { UNIX_EPOCH + Duration::from_micros(self.timestamp_us as u64) } else { UNIX_EPOCH }
     }
 
     /// Decodes the event into the `qapi` crate's typed event enum (QEMU 9.1 schema).

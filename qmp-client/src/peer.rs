@@ -24,8 +24,8 @@ pub struct PeerIdentity {
 
 /// The pid and uid of the process that holds the other end of `sock`.
 pub(crate) fn peer_credentials(sock: &impl AsFd) -> std::io::Result<(i32, u32)> {
-    let cred = nix::sys::socket::getsockopt(sock, nix::sys::socket::sockopt::PeerCredentials)
-        .map_err(std::io::Error::from)?;
+    let cred =
+        nix::sys::socket::getsockopt(sock, nix::sys::socket::sockopt::PeerCredentials).map_err(std::io::Error::from)?;
     Ok((cred.pid(), cred.uid()))
 }
 
@@ -94,7 +94,7 @@ mod tests {
 
     #[test]
     fn splits_nul_separated_cmdline() {
-        let argv = split_cmdline(b"qemu-system-x86_64\0-m\0256\0-name\0vm a\0");
+        let argv = split_cmdline(b"qemu-system-x86_64\x00-m\x00256\x00-name\x00vm a\x00");
         assert_eq!(argv, ["qemu-system-x86_64", "-m", "256", "-name", "vm a"]);
     }
 

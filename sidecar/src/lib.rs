@@ -17,7 +17,9 @@ impl VmName {
             return Err(format!("VM name {name:?} must have 1 to 64 characters"));
         }
         if name.starts_with('.') || !name.chars().all(ok_char) {
-            return Err(format!("VM name {name:?} may hold only letters, digits, '-', '_', '.', and not start with '.'"));
+            return Err(format!(
+                "VM name {name:?} may hold only letters, digits, '-', '_', '.', and not start with '.'"
+            ));
         }
         Ok(VmName(name.to_owned()))
     }

@@ -57,8 +57,12 @@ async fn main() -> anyhow::Result<()> {
         boots.push(guest.started.elapsed());
     }
     boots.sort();
-    println!("test guest boot to workload start (3 boots): median {:.2} s, min {:.2} s, max {:.2} s",
-        boots[1].as_secs_f64(), boots[0].as_secs_f64(), boots[2].as_secs_f64());
+    println!(
+        "test guest boot to workload start (3 boots): median {:.2} s, min {:.2} s, max {:.2} s",
+        boots[1].as_secs_f64(),
+        boots[0].as_secs_f64(),
+        boots[2].as_secs_f64()
+    );
 
     let mut spec = GuestSpec::new("rtt", &["idle"]);
     let raw_sock = env.dir().join("rtt-raw.sock");
@@ -84,7 +88,8 @@ async fn main() -> anyhow::Result<()> {
     }
     client.sort();
     raw.sort();
-    let (c50, c99, r50, r99) = (percentile(&client, 0.5), percentile(&client, 0.99), percentile(&raw, 0.5), percentile(&raw, 0.99));
+    let (c50, c99, r50, r99) =
+        (percentile(&client, 0.5), percentile(&client, 0.99), percentile(&raw, 0.5), percentile(&raw, 0.99));
     println!("QMP query-status round trip over {N} calls:");
     println!("  {:<28} {:>10} {:>10}", "", "p50 µs", "p99 µs");
     println!("  {:<28} {:>10.1} {:>10.1}", "qmp-client (typed, async)", us(c50), us(c99));

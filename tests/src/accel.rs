@@ -41,12 +41,11 @@ pub fn choose(cache_dir: &Path, probe: impl FnOnce(Accel, Duration) -> bool) -> 
     }
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     let cache = cache_dir.join("accel-probe");
-    if let Ok(s) = std::fs::read_to_string(&cache) {
-        if let Some((id, verdict)) = s.split_once(' ') {
-            if id == boot_id.trim() {
-                return if verdict.trim() == "kvm" { Accel::Kvm } else { Accel::Tcg };
-            }
-        }
+    if let Ok(s) = std::fs::read_to_string(&cache)
+        && let Some((id, verdict)) = s.split_once(' ')
+        && id == boot_id.trim()
+    {
+        return if verdict.trim() == "kvm" { Accel::Kvm } else { Accel::Tcg };
     }
     let ok = probe(Accel::Kvm, PROBE_TIMEOUT);
     let accel = if ok { Accel::Kvm } else { Accel::Tcg };

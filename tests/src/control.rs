@@ -113,7 +113,13 @@ impl Control {
     }
 
     /// Waits for the first status line at or after `from` that satisfies `pred`.
-    pub async fn wait_from<F>(&self, from: usize, what: &str, mut pred: F, timeout: Duration) -> Result<Value, ControlError>
+    pub async fn wait_from<F>(
+        &self,
+        from: usize,
+        what: &str,
+        mut pred: F,
+        timeout: Duration,
+    ) -> Result<Value, ControlError>
     where
         F: FnMut(&Value) -> bool,
     {

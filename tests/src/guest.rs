@@ -154,19 +154,35 @@ pub fn qemu_argv(spec: &GuestSpec, image: &GuestImage, accel: Accel, dir: &Path)
     }
     let mut a: Vec<String> = vec![
         qemu_binary(),
-        "-name".into(), spec.name.clone(),
-        "-accel".into(), accel.as_arg().into(),
-        "-machine".into(), spec.machine.clone(),
-        "-m".into(), spec.memory_mib.to_string(),
-        "-smp".into(), "1".into(),
-        "-nodefaults".into(), "-no-user-config".into(), "-display".into(), "none".into(), "-no-reboot".into(),
-        "-kernel".into(), image.kernel.display().to_string(),
-        "-initrd".into(), image.initrd.display().to_string(),
-        "-append".into(), cmdline,
-        "-qmp".into(), format!("unix:{},server=on,wait=off", p("qmp.sock")),
-        "-serial".into(), format!("file:{}", p("console.log")),
-        "-chardev".into(), format!("socket,id=ctl,path={},server=on,wait=off", p("control.sock")),
-        "-serial".into(), "chardev:ctl".into(),
+        "-name".into(),
+        spec.name.clone(),
+        "-accel".into(),
+        accel.as_arg().into(),
+        "-machine".into(),
+        spec.machine.clone(),
+        "-m".into(),
+        spec.memory_mib.to_string(),
+        "-smp".into(),
+        "1".into(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-no-reboot".into(),
+        "-kernel".into(),
+        image.kernel.display().to_string(),
+        "-initrd".into(),
+        image.initrd.display().to_string(),
+        "-append".into(),
+        cmdline,
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", p("qmp.sock")),
+        "-serial".into(),
+        format!("file:{}", p("console.log")),
+        "-chardev".into(),
+        format!("socket,id=ctl,path={},server=on,wait=off", p("control.sock")),
+        "-serial".into(),
+        "chardev:ctl".into(),
     ];
     if let Some(netdev) = &spec.netdev {
         a.extend(["-netdev".into(), netdev.clone()]);
@@ -194,7 +210,8 @@ impl Guest {
     /// Creates the guest's disks, starts QEMU and connects to its control channel.
     pub async fn start(spec: &GuestSpec, image: &GuestImage, accel: Accel, root: &Path) -> Result<Guest, GuestError> {
         let dir = root.join(&spec.name);
-        let prep = |path: &Path, why: String| GuestError::Prepare { name: spec.name.clone(), path: path.to_owned(), why };
+        let prep =
+            |path: &Path, why: String| GuestError::Prepare { name: spec.name.clone(), path: path.to_owned(), why };
         std::fs::create_dir_all(&dir).map_err(|e| prep(&dir, e.to_string()))?;
         for (i, d) in spec.disks.iter().enumerate() {
             let file = dir.join(format!("disk{i}.{}", d.format));
@@ -218,9 +235,7 @@ impl Guest {
         // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill QEMU
         // when the spawning thread dies, so a crashed test leaves no QEMU behind.
         unsafe {
-            cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-            });
+            cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
         }
         let started = Instant::now();
         let child = cmd.spawn().map_err(|source| GuestError::Spawn { name: spec.name.clone(), source })?;
@@ -280,7 +295,9 @@ impl Guest {
 impl Drop for Guest {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let tail = |s: String| s.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            let tail = |s: String| {
+                s.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+            };
             eprintln!("--- guest {} console (tail) ---\n{}", self.name, tail(self.console()));
             eprintln!("--- guest {} QEMU stderr ---\n{}", self.name, tail(self.stderr()));
         }

@@ -13,9 +13,8 @@ use sha2::{Digest, Sha256};
 
 /// Modules the guest loads, with their dependencies resolved from `modules.dep`.
 /// Those built into the kernel or absent from it are skipped.
-pub const GUEST_MODULES: &[&str] = &[
-    "virtio_pci", "virtio_net", "virtio_blk", "virtio_scsi", "sd_mod", "ata_piix", "ahci", "e1000",
-];
+pub const GUEST_MODULES: &[&str] =
+    &["virtio_pci", "virtio_net", "virtio_blk", "virtio_scsi", "sd_mod", "ata_piix", "ahci", "e1000"];
 
 /// Errors of building the test guest image.
 #[derive(Debug, thiserror::Error)]
@@ -245,7 +244,11 @@ impl GuestImage {
             names.push(file.clone());
             inputs.push(Input { name: format!("lib/modules/{file}"), mode: 0o100644, data });
         }
-        inputs.push(Input { name: "etc/modules.order".into(), mode: 0o100644, data: (names.join("\n") + "\n").into_bytes() });
+        inputs.push(Input {
+            name: "etc/modules.order".into(),
+            mode: 0o100644,
+            data: (names.join("\n") + "\n").into_bytes(),
+        });
 
         let mut h = Sha256::new();
         for i in &inputs {
@@ -305,7 +308,16 @@ fn write_cpio(path: &Path, inputs: &[Input]) -> Result<(), ImageError> {
     let file = std::fs::File::create(path).map_err(io("cannot create", path))?;
     let mut w = std::io::BufWriter::new(file);
     let mut ino = 1;
-    let mut dirs: Vec<String> = vec!["bin".into(), "dev".into(), "etc".into(), "lib".into(), "lib/modules".into(), "proc".into(), "sys".into(), "tmp".into()];
+    let mut dirs: Vec<String> = vec![
+        "bin".into(),
+        "dev".into(),
+        "etc".into(),
+        "lib".into(),
+        "lib/modules".into(),
+        "proc".into(),
+        "sys".into(),
+        "tmp".into(),
+    ];
     dirs.sort();
     let err = io("cannot write", path);
     let result = (|| -> std::io::Result<()> {

@@ -34,10 +34,8 @@ impl TestEnv {
     pub async fn new() -> anyhow::Result<TestEnv> {
         init_tracing();
         let spec = ImageSpec::default();
-        let image = tokio::task::spawn_blocking(move || {
-            GuestImage::get(&spec, &mut |msg| tracing::info!("{msg}"))
-        })
-        .await??;
+        let image =
+            tokio::task::spawn_blocking(move || GuestImage::get(&spec, &mut |msg| tracing::info!("{msg}"))).await??;
         let dir = tempfile::Builder::new().prefix("cutline-test-").tempdir()?;
         let probe_image = image.clone();
         let probe_dir = dir.path().join("probe");
@@ -118,9 +116,7 @@ where
 /// Sends test logs to the test's output (`RUST_LOG` filters; default `info`).
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_test_writer()
         .try_init();
 }

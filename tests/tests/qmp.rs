@@ -94,7 +94,8 @@ async fn per_command_timeout_fires() -> anyhow::Result<()> {
     let qmp = guest.qmp().await?;
     // Stop QEMU's process: the command is written but no reply can come.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(guest.pid()), nix::sys::signal::Signal::SIGSTOP)?;
-    let err = qmp.execute_raw_timeout("query-status", json!({}), Duration::from_millis(300)).await.expect_err("timeout");
+    let err =
+        qmp.execute_raw_timeout("query-status", json!({}), Duration::from_millis(300)).await.expect_err("timeout");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(guest.pid()), nix::sys::signal::Signal::SIGCONT)?;
     assert!(matches!(err, QmpError::Timeout { .. }), "{err:?}");
     // The late reply is dropped and the connection serves the next command.
@@ -164,9 +165,7 @@ async fn getfd_and_migrate_into_a_pipe() -> anyhow::Result<()> {
         .await?;
     let mut events = qmp.subscribe();
     qmp.execute_raw("migrate", json!({"uri": "fd:mig"})).await?;
-    events
-        .wait_for("MIGRATION", |e| e.data["status"] == "completed", Duration::from_secs(60))
-        .await?;
+    events.wait_for("MIGRATION", |e| e.data["status"] == "completed", Duration::from_secs(60)).await?;
     let (bytes, head) = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
     // QEMU's migration stream starts with the magic "QEVM".
     assert_eq!(&head[..4], b"QEVM");

@@ -56,7 +56,10 @@ async fn journal_memory_matches_disk_in_an_uninterrupted_run() -> anyhow::Result
     let mut spec = GuestSpec::new("journal", &["journal"]);
     spec.disks.push(DiskSpec::qcow2(16));
     let guest = env.guest(&spec).await?;
-    let ready = guest.control().wait_from(0, "journal ready", |v| v["event"] == "ready" && v["mode"] == "journal", BOOT).await?;
+    let ready = guest
+        .control()
+        .wait_from(0, "journal ready", |v| v["event"] == "ready" && v["mode"] == "journal", BOOT)
+        .await?;
     assert!(ready["capacity"].as_u64().unwrap_or(0) >= 4000, "{ready}");
     let mut last = 0;
     for _ in 0..3 {

@@ -20,7 +20,8 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let spec = ImageSpec { cache_dir: args.cache.unwrap_or_else(default_cache_dir).join("guest"), ..ImageSpec::default() };
+    let spec =
+        ImageSpec { cache_dir: args.cache.unwrap_or_else(default_cache_dir).join("guest"), ..ImageSpec::default() };
     let json = args.json;
     let started = std::time::Instant::now();
     let image = GuestImage::get(&spec, &mut |msg| {
@@ -38,8 +39,12 @@ fn main() -> anyhow::Result<()> {
                 "built": image.built, "initrd_bytes": image.initrd_bytes, "duration_ms": ms})
         );
     } else {
-        println!("kernel {}\ninitrd {}\n({} in {ms} ms)", image.kernel.display(), image.initrd.display(),
-            if image.built { "built" } else { "reused" });
+        println!(
+            "kernel {}\ninitrd {}\n({} in {ms} ms)",
+            image.kernel.display(),
+            image.initrd.display(),
+            if image.built { "built" } else { "reused" }
+        );
     }
     Ok(())
 }

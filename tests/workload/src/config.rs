@@ -169,11 +169,7 @@ fn num<T: std::str::FromStr>(key: &str, value: &str) -> Result<T, ConfigError> {
 }
 
 fn bad(key: &str, value: &str, reason: &str) -> ConfigError {
-    ConfigError {
-        key: key.to_string(),
-        value: value.to_string(),
-        reason: reason.to_string(),
-    }
+    ConfigError { key: key.to_string(), value: value.to_string(), reason: reason.to_string() }
 }
 
 /// Parses every `cutline.*` token of `cmdline` (later tokens override earlier ones);
@@ -189,8 +185,7 @@ pub fn parse(cmdline: &str) -> Result<Config, ConfigError> {
             "cutline.mode" => {
                 let mut modes = Vec::new();
                 for part in v.split(',') {
-                    let m = Mode::parse(part)
-                        .ok_or_else(|| bad(&key, v, &format!("unknown mode '{part}'")))?;
+                    let m = Mode::parse(part).ok_or_else(|| bad(&key, v, &format!("unknown mode '{part}'")))?;
                     if !modes.contains(&m) {
                         modes.push(m);
                     }
@@ -239,11 +234,7 @@ pub fn parse(cmdline: &str) -> Result<Config, ConfigError> {
         }
     }
     if cfg.id >= cfg.peers {
-        return Err(bad(
-            "cutline.id",
-            &cfg.id.to_string(),
-            &format!("must be below cutline.peers={}", cfg.peers),
-        ));
+        return Err(bad("cutline.id", &cfg.id.to_string(), &format!("must be below cutline.peers={}", cfg.peers)));
     }
     Ok(cfg)
 }
@@ -296,10 +287,7 @@ mod tests {
         let e = parse("cutline.rate=fast").expect_err("bad number");
         assert_eq!((e.key.as_str(), e.value.as_str()), ("cutline.rate", "fast"));
         let e = parse("cutline.colour=blue").expect_err("unknown key");
-        assert_eq!(
-            (e.key.as_str(), e.value.as_str()),
-            ("cutline.colour", "blue")
-        );
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("cutline.colour", "blue"));
         let e = parse("cutline.mode=ledger,banana").expect_err("unknown mode");
         assert_eq!(e.value, "ledger,banana");
         let e = parse("cutline.mode=").expect_err("empty mode");
@@ -317,10 +305,7 @@ mod tests {
     #[test]
     fn control_path_survives_bad_keys() {
         assert_eq!(control_path("cutline.bogus=1"), DEFAULT_CONTROL);
-        assert_eq!(
-            control_path("cutline.bogus=1 cutline.control=/dev/hvc0"),
-            "/dev/hvc0"
-        );
+        assert_eq!(control_path("cutline.bogus=1 cutline.control=/dev/hvc0"), "/dev/hvc0");
     }
 
     #[test]

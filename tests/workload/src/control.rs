@@ -66,16 +66,8 @@ pub fn parse_command(line: &[u8]) -> Parsed {
     };
     let command: String = text.chars().take(200).collect();
     match verb {
-        None => Parsed::Bad {
-            what: "unknown command",
-            command,
-            req,
-        },
-        Some(_) if extra => Parsed::Bad {
-            what: "too many arguments",
-            command,
-            req,
-        },
+        None => Parsed::Bad { what: "unknown command", command, req },
+        Some(_) if extra => Parsed::Bad { what: "too many arguments", command, req },
         Some(verb) => Parsed::Command { verb, req },
     }
 }
@@ -100,11 +92,7 @@ pub struct Line {
 impl LineBuffer {
     /// A splitter keeping at most `cap` bytes per line.
     pub fn new(cap: usize) -> Self {
-        LineBuffer {
-            buf: Vec::new(),
-            cap,
-            overflow: false,
-        }
+        LineBuffer { buf: Vec::new(), cap, overflow: false }
     }
 
     /// Feeds bytes; returns the lines completed by them (`\n` terminates a line).
@@ -128,11 +116,7 @@ impl LineBuffer {
 
 /// Opens the control device read+write (no controlling tty) and puts it in raw mode when it is a tty.
 pub fn open_control(path: &str) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOCTTY)
-        .open(path)?;
+    let file = OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOCTTY).open(path)?;
     set_raw(&file)?;
     Ok(file)
 }
@@ -169,23 +153,14 @@ mod tests {
     use super::*;
 
     fn cmd(verb: Verb, req: Option<&str>) -> Parsed {
-        Parsed::Command {
-            verb,
-            req: req.map(str::to_string),
-        }
+        Parsed::Command { verb, req: req.map(str::to_string) }
     }
 
     #[test]
     fn parses_verbs_and_req() {
         assert_eq!(parse_command(b"status"), cmd(Verb::Status, None));
-        assert_eq!(
-            parse_command(b"quiesce q-1\r"),
-            cmd(Verb::Quiesce, Some("q-1"))
-        );
-        assert_eq!(
-            parse_command(b"  balance 7 "),
-            cmd(Verb::Balance, Some("7"))
-        );
+        assert_eq!(parse_command(b"quiesce q-1\r"), cmd(Verb::Quiesce, Some("q-1")));
+        assert_eq!(parse_command(b"  balance 7 "), cmd(Verb::Balance, Some("7")));
         assert_eq!(parse_command(b"resume\tx"), cmd(Verb::Resume, Some("x")));
         assert_eq!(parse_command(b"check c9"), cmd(Verb::Check, Some("c9")));
         assert_eq!(parse_command(b""), Parsed::Empty);
@@ -196,26 +171,10 @@ mod tests {
     fn rejects_unknown_and_extra_args() {
         assert_eq!(
             parse_command(b"STATUS r"),
-            Parsed::Bad {
-                what: "unknown command",
-                command: "STATUS r".into(),
-                req: Some("r".into())
-            }
+            Parsed::Bad { what: "unknown command", command: "STATUS r".into(), req: Some("r".into()) }
         );
-        assert!(matches!(
-            parse_command(b"status a b"),
-            Parsed::Bad {
-                what: "too many arguments",
-                ..
-            }
-        ));
-        assert!(matches!(
-            parse_command(&[0xff, 0xfe, b'x']),
-            Parsed::Bad {
-                what: "unknown command",
-                ..
-            }
-        ));
+        assert!(matches!(parse_command(b"status a b"), Parsed::Bad { what: "too many arguments", .. }));
+        assert!(matches!(parse_command(&[0xff, 0xfe, b'x']), Parsed::Bad { what: "unknown command", .. }));
     }
 
     #[test]

@@ -33,11 +33,7 @@ impl Pages {
             // SAFETY: p has PAGE >= 1 bytes; volatile so the touch is not optimised away.
             unsafe { std::ptr::write_volatile(p.as_mut_ptr(), 1) };
         }
-        Pages {
-            buf,
-            next: 0,
-            pass: 1,
-        }
+        Pages { buf, next: 0, pass: 1 }
     }
 
     /// Number of pages.
@@ -57,12 +53,7 @@ impl Pages {
             let off = self.next * PAGE;
             let page = &mut self.buf[off..off + 8];
             // SAFETY: page is 8 valid, writable bytes and [u8; 8] has alignment 1.
-            unsafe {
-                std::ptr::write_volatile(
-                    page.as_mut_ptr().cast::<[u8; 8]>(),
-                    self.pass.to_le_bytes(),
-                )
-            };
+            unsafe { std::ptr::write_volatile(page.as_mut_ptr().cast::<[u8; 8]>(), self.pass.to_le_bytes()) };
             self.next += 1;
             if self.next == self.pages() {
                 self.next = 0;
@@ -93,11 +84,7 @@ pub struct Dirtier {
 impl Dirtier {
     /// Allocates `mib` MiB and dirties it at `mibps` MiB/s (0 = as fast as possible).
     pub fn start(mib: u64, mibps: u64, status: Arc<StatusWriter>) -> Arc<Dirtier> {
-        let d = Arc::new(Dirtier {
-            mib,
-            pass: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-        });
+        let d = Arc::new(Dirtier { mib, pass: AtomicU64::new(0), bytes: AtomicU64::new(0) });
         let d2 = Arc::clone(&d);
         let st = Arc::clone(&status);
         crate::spawn(&status, "dirtier", move || d2.run(mibps, &st));
@@ -114,23 +101,11 @@ impl Dirtier {
     }
 
     fn run(&self, mibps: u64, status: &StatusWriter) {
-        let Some(bytes) = usize::try_from(self.mib)
-            .ok()
-            .and_then(|m| m.checked_mul(1 << 20))
-        else {
-            fatal_forever(
-                status,
-                Event::new("fatal")
-                    .with("what", "dirtier size too large")
-                    .with("mib", self.mib),
-            );
+        let Some(bytes) = usize::try_from(self.mib).ok().and_then(|m| m.checked_mul(1 << 20)) else {
+            fatal_forever(status, Event::new("fatal").with("what", "dirtier size too large").with("mib", self.mib));
         };
         let mut pages = Pages::new(bytes);
-        status.emit(
-            Event::new("ready")
-                .with("mode", "dirtier")
-                .with("mib", self.mib),
-        );
+        status.emit(Event::new("ready").with("mode", "dirtier").with("mib", self.mib));
         let pages_per_sec = mibps.saturating_mul((1 << 20) / PAGE as u64);
         let start = Instant::now();
         let mut epoch = start;

@@ -46,8 +46,8 @@ impl AlignedBuf {
     /// Allocates `len` zeroed bytes (rounded up to a whole block) aligned to [`BLOCK`].
     pub fn new(len: usize) -> io::Result<Self> {
         let size = len.max(1).div_ceil(BLOCK) * BLOCK;
-        let layout = Layout::from_size_align(size, BLOCK)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let layout =
+            Layout::from_size_align(size, BLOCK).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         // SAFETY: layout has non-zero size.
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).ok_or(io::ErrorKind::OutOfMemory)?;
@@ -83,8 +83,7 @@ fn seal(block: &mut [u8]) {
 }
 
 fn crc_ok(block: &[u8]) -> bool {
-    block.len() >= BLOCK
-        && crc32fast::hash(&block[..CRC_OFF]).to_le_bytes() == block[CRC_OFF..BLOCK]
+    block.len() >= BLOCK && crc32fast::hash(&block[..CRC_OFF]).to_le_bytes() == block[CRC_OFF..BLOCK]
 }
 
 fn le_u64(b: &[u8]) -> u64 {
@@ -104,8 +103,7 @@ pub fn encode_header(block: &mut [u8], nonce: u64) {
 
 /// The nonce of a valid header block, if it is one.
 pub fn decode_header(block: &[u8]) -> Option<u64> {
-    (block.len() >= BLOCK && &block[..8] == HEADER_MAGIC && crc_ok(block))
-        .then(|| le_u64(&block[8..16]))
+    (block.len() >= BLOCK && &block[..8] == HEADER_MAGIC && crc_ok(block)).then(|| le_u64(&block[8..16]))
 }
 
 /// Writes record `seq` of run `nonce` into `block` (first [`BLOCK`] bytes).
@@ -162,22 +160,13 @@ pub struct ScanResult {
 pub fn scan(file: &File, nonce: u64, capacity: u64, chunk: &mut [u8]) -> io::Result<ScanResult> {
     let chunk_blocks = chunk.len() / BLOCK;
     if chunk_blocks == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "scan buffer too small",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "scan buffer too small"));
     }
     let n = read_full(file, &mut chunk[..BLOCK], 0)?;
-    let header_nonce = if n == BLOCK {
-        decode_header(&chunk[..BLOCK])
-    } else {
-        None
-    };
+    let header_nonce = if n == BLOCK { decode_header(&chunk[..BLOCK]) } else { None };
     let mut last = 0;
     while last < capacity {
-        let want = usize::try_from(capacity - last)
-            .unwrap_or(usize::MAX)
-            .min(chunk_blocks);
+        let want = usize::try_from(capacity - last).unwrap_or(usize::MAX).min(chunk_blocks);
         let off = (last + 1) * BLOCK as u64;
         let got = read_full(file, &mut chunk[..want * BLOCK], off)? / BLOCK;
         for b in 0..got {
@@ -237,10 +226,7 @@ impl Journal {
     pub fn fields(&self) -> Vec<(String, Value)> {
         vec![
             ("count".into(), self.count.load(Ordering::Relaxed).into()),
-            (
-                "capacity".into(),
-                self.capacity.load(Ordering::Relaxed).into(),
-            ),
+            ("capacity".into(), self.capacity.load(Ordering::Relaxed).into()),
             ("full".into(), self.full.load(Ordering::Relaxed).into()),
         ]
     }
@@ -248,10 +234,7 @@ impl Journal {
     fn fatal(&self, what: &str, e: &io::Error) -> ! {
         fatal_forever(
             &self.status,
-            Event::new("fatal")
-                .with("what", what)
-                .with("disk", self.disk.as_str())
-                .with("error", e.to_string()),
+            Event::new("fatal").with("what", what).with("disk", self.disk.as_str()).with("error", e.to_string()),
         )
     }
 
@@ -292,13 +275,7 @@ impl Journal {
         if let Err(e) = file.write_all_at(&buf, 0) {
             self.fatal("journal header write failed", &e);
         }
-        Dev {
-            file,
-            nonce,
-            capacity: blocks - 1,
-            count: 0,
-            buf,
-        }
+        Dev { file, nonce, capacity: blocks - 1, count: 0, buf }
     }
 
     fn run(self: Arc<Self>) {
@@ -306,11 +283,7 @@ impl Journal {
         let capacity = dev.capacity;
         self.capacity.store(capacity, Ordering::Relaxed);
         *lock(&self.dev) = Some(dev);
-        self.status.emit(
-            Event::new("ready")
-                .with("mode", "journal")
-                .with("capacity", capacity),
-        );
+        self.status.emit(Event::new("ready").with("mode", "journal").with("capacity", capacity));
         let mut pacer = Pacer::per_second(u64::from(self.jrate));
         loop {
             pacer.wait();
@@ -324,11 +297,7 @@ impl Journal {
             if dev.count >= dev.capacity {
                 drop(guard);
                 self.full.store(true, Ordering::Relaxed);
-                self.status.emit(
-                    Event::new("error")
-                        .with("what", "journal full")
-                        .with("capacity", capacity),
-                );
+                self.status.emit(Event::new("error").with("what", "journal full").with("capacity", capacity));
                 sleep_forever();
             }
             let seq = dev.count + 1;
@@ -371,9 +340,7 @@ impl Journal {
         let mut chunk = match AlignedBuf::new(SCAN_CHUNK) {
             Ok(c) => c,
             Err(e) => {
-                return Event::new("error")
-                    .with("what", "journal scan failed")
-                    .with("error", e.to_string());
+                return Event::new("error").with("what", "journal scan failed").with("error", e.to_string());
             }
         };
         match scan(&dev.file, dev.nonce, dev.capacity, &mut chunk) {
@@ -386,9 +353,7 @@ impl Journal {
                     .with("header_ok", header_ok)
                     .with("capacity", dev.capacity)
             }
-            Err(e) => Event::new("error")
-                .with("what", "journal scan failed")
-                .with("error", e.to_string()),
+            Err(e) => Event::new("error").with("what", "journal scan failed").with("error", e.to_string()),
         }
     }
 }
@@ -401,8 +366,7 @@ mod tests {
     struct TempFile(PathBuf);
     impl TempFile {
         fn new(name: &str, blocks: u64) -> (TempFile, File) {
-            let p =
-                std::env::temp_dir().join(format!("cutline-journal-{}-{name}", std::process::id()));
+            let p = std::env::temp_dir().join(format!("cutline-journal-{}-{name}", std::process::id()));
             let f = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -486,13 +450,7 @@ mod tests {
         }
         let mut chunk = AlignedBuf::new(8 * BLOCK).expect("chunk");
         let r = scan(&f, nonce, 63, &mut chunk).expect("scan");
-        assert_eq!(
-            r,
-            ScanResult {
-                header_nonce: Some(nonce),
-                last: 20
-            }
-        );
+        assert_eq!(r, ScanResult { header_nonce: Some(nonce), last: 20 });
         // A record in the right place with the wrong seq does not count.
         put_record(&f, nonce, 22);
         let mut b = AlignedBuf::new(BLOCK).expect("buf");
@@ -512,25 +470,13 @@ mod tests {
         let (_t, f) = TempFile::new("full", 11);
         let mut chunk = AlignedBuf::new(4 * BLOCK).expect("chunk");
         let r = scan(&f, 5, 10, &mut chunk).expect("scan");
-        assert_eq!(
-            r,
-            ScanResult {
-                header_nonce: None,
-                last: 0
-            }
-        );
+        assert_eq!(r, ScanResult { header_nonce: None, last: 0 });
         put_header(&f, 5);
         for s in 1..=10 {
             put_record(&f, 5, s);
         }
         let r = scan(&f, 5, 10, &mut chunk).expect("scan");
-        assert_eq!(
-            r,
-            ScanResult {
-                header_nonce: Some(5),
-                last: 10
-            }
-        );
+        assert_eq!(r, ScanResult { header_nonce: Some(5), last: 10 });
         // Capacity bound is respected even if the file is longer.
         assert_eq!(scan(&f, 5, 7, &mut chunk).expect("scan").last, 7);
         // A capacity beyond the end of the file stops at EOF.

@@ -174,22 +174,14 @@ impl<L: Clone> Book<L> {
             ready: peers <= 1,
             next_seq: 1,
             slots: (0..peers)
-                .map(|_| Slot {
-                    link: None,
-                    generation: 0,
-                    pending: HashMap::new(),
-                    ever_connected: false,
-                })
+                .map(|_| Slot { link: None, generation: 0, pending: HashMap::new(), ever_connected: false })
                 .collect(),
             waiters: Vec::new(),
         }
     }
 
     fn all_connected(&self) -> bool {
-        self.slots
-            .iter()
-            .enumerate()
-            .all(|(j, s)| j == self.me || s.link.is_some())
+        self.slots.iter().enumerate().all(|(j, s)| j == self.me || s.link.is_some())
     }
 
     /// Installs a new outgoing link to `peer`.
@@ -203,11 +195,7 @@ impl<L: Clone> Book<L> {
         if became_ready {
             self.ready = true;
         }
-        Connected {
-            generation,
-            reconnect,
-            became_ready,
-        }
+        Connected { generation, reconnect, became_ready }
     }
 
     /// Drops the link `generation` to `peer` (if still current) and writes off its pending transfers.
@@ -223,11 +211,7 @@ impl<L: Clone> Book<L> {
         self.unacked_count -= count;
         self.lost += amount;
         self.lost_count += count;
-        Some(Lost {
-            amount,
-            count,
-            link,
-        })
+        Some(Lost { amount, count, link })
     }
 
     /// Starts a transfer if allowed (ready, not quiesced, money left, some link up):
@@ -236,9 +220,7 @@ impl<L: Clone> Book<L> {
         if !self.ready || self.quiesced || self.balance == 0 {
             return None;
         }
-        let up: Vec<usize> = (0..self.slots.len())
-            .filter(|&j| j != self.me && self.slots[j].link.is_some())
-            .collect();
+        let up: Vec<usize> = (0..self.slots.len()).filter(|&j| j != self.me && self.slots[j].link.is_some()).collect();
         if up.is_empty() {
             return None;
         }
@@ -253,13 +235,7 @@ impl<L: Clone> Book<L> {
         self.sent += 1;
         let slot = &mut self.slots[peer];
         slot.pending.insert(seq, amount);
-        Some(Transfer {
-            peer,
-            generation: slot.generation,
-            seq,
-            amount,
-            link,
-        })
+        Some(Transfer { peer, generation: slot.generation, seq, amount, link })
     }
 
     /// Applies an ack for `seq` received on link `generation` of `peer`.
@@ -302,11 +278,7 @@ impl<L: Clone> Book<L> {
 
     /// Quiesce waiters that can be answered now (quiesced and nothing unacked).
     pub fn drain_waiters(&mut self) -> Vec<Option<String>> {
-        if self.quiesced && self.unacked_count == 0 {
-            std::mem::take(&mut self.waiters)
-        } else {
-            Vec::new()
-        }
+        if self.quiesced && self.unacked_count == 0 { std::mem::take(&mut self.waiters) } else { Vec::new() }
     }
 
     /// Current counters.
@@ -374,10 +346,7 @@ impl Wire {
         let kind = w.next()?;
         let seq = w.next()?.parse().ok()?;
         let msg = match kind {
-            "T" => Wire::Transfer {
-                seq,
-                amount: w.next()?.parse().ok().filter(|&a| a > 0)?,
-            },
+            "T" => Wire::Transfer { seq, amount: w.next()?.parse().ok().filter(|&a| a > 0)? },
             "A" => Wire::Ack { seq },
             _ => return None,
         };
@@ -392,11 +361,7 @@ fn wire_text(line: &[u8]) -> String {
 impl Ledger {
     /// Starts the listener, one connector per peer and the transfer loop.
     pub fn start(cfg: LedgerConfig, status: Arc<StatusWriter>) -> Arc<Ledger> {
-        let ledger = Arc::new(Ledger {
-            book: Mutex::new(Book::new(cfg.id, cfg.peers, cfg.balance)),
-            cfg,
-            status,
-        });
+        let ledger = Arc::new(Ledger { book: Mutex::new(Book::new(cfg.id, cfg.peers, cfg.balance)), cfg, status });
         if ledger.cfg.peers <= 1 {
             ledger.emit_ready();
         }
@@ -404,9 +369,7 @@ impl Ledger {
         crate::spawn(&ledger.status, "ledger-listen", move || l.listen());
         for j in (0..ledger.cfg.peers).filter(|&j| j != ledger.cfg.id) {
             let l = Arc::clone(&ledger);
-            crate::spawn(&ledger.status, &format!("ledger-peer{j}"), move || {
-                l.run_peer(j)
-            });
+            crate::spawn(&ledger.status, &format!("ledger-peer{j}"), move || l.run_peer(j));
         }
         let l = Arc::clone(&ledger);
         crate::spawn(&ledger.status, "ledger-send", move || l.send_loop());
@@ -414,11 +377,7 @@ impl Ledger {
     }
 
     fn emit_ready(&self) {
-        self.status.emit(
-            Event::new("ready")
-                .with("mode", "ledger")
-                .with("peers", self.cfg.peers),
-        );
+        self.status.emit(Event::new("ready").with("mode", "ledger").with("peers", self.cfg.peers));
     }
 
     /// Current counters.
@@ -440,11 +399,7 @@ impl Ledger {
     pub fn resume(&self, req: Option<&str>) {
         let cancelled = lock(&self.book).resume();
         for r in cancelled {
-            self.status.emit(
-                Event::new("error")
-                    .with("what", "quiesce cancelled by resume")
-                    .req(r.as_deref()),
-            );
+            self.status.emit(Event::new("error").with("what", "quiesce cancelled by resume").req(r.as_deref()));
         }
         self.status.emit(Event::new("resumed").req(req));
     }
@@ -466,11 +421,7 @@ impl Ledger {
 
     fn answer_quiesced(&self, waiters: Vec<Option<String>>, balance: u64) {
         for r in waiters {
-            self.status.emit(
-                Event::new("quiesced")
-                    .with("balance", balance)
-                    .req(r.as_deref()),
-            );
+            self.status.emit(Event::new("quiesced").with("balance", balance).req(r.as_deref()));
         }
     }
 
@@ -489,16 +440,11 @@ impl Ledger {
             match listener.accept() {
                 Ok((stream, addr)) => {
                     let l = Arc::clone(&self);
-                    crate::spawn(&self.status, &format!("ledger-in-{addr}"), move || {
-                        l.serve(stream, addr)
-                    });
+                    crate::spawn(&self.status, &format!("ledger-in-{addr}"), move || l.serve(stream, addr));
                 }
                 Err(e) => {
-                    self.status.emit(
-                        Event::new("error")
-                            .with("what", "ledger accept failed")
-                            .with("error", e.to_string()),
-                    );
+                    self.status
+                        .emit(Event::new("error").with("what", "ledger accept failed").with("error", e.to_string()));
                     std::thread::sleep(RETRY);
                 }
             }
@@ -527,11 +473,7 @@ impl Ledger {
             };
             let mut acks = String::new();
             for line in lines.push(&buf[..n]) {
-                let msg = if line.truncated {
-                    None
-                } else {
-                    Wire::parse(&line.bytes)
-                };
+                let msg = if line.truncated { None } else { Wire::parse(&line.bytes) };
                 let Some(Wire::Transfer { seq, amount }) = msg else {
                     self.status.emit(
                         Event::new("error")
@@ -554,11 +496,7 @@ impl Ledger {
                 }
                 acks.push_str(&format!("A {seq}\n"));
             }
-            let written = if acks.is_empty() {
-                Ok(())
-            } else {
-                (&stream).write_all(acks.as_bytes())
-            };
+            let written = if acks.is_empty() { Ok(()) } else { (&stream).write_all(acks.as_bytes()) };
             if let Err(e) = written {
                 break format!("write: {e}");
             }
@@ -585,11 +523,7 @@ impl Ledger {
             let stream = Arc::new(stream);
             let c = lock(&self.book).connect(peer, Arc::clone(&stream));
             if c.reconnect {
-                self.status.emit(
-                    Event::new("info")
-                        .with("what", "ledger peer reconnected")
-                        .with("peer", peer),
-                );
+                self.status.emit(Event::new("info").with("what", "ledger peer reconnected").with("peer", peer));
             }
             if c.became_ready {
                 self.emit_ready();
@@ -616,11 +550,7 @@ impl Ledger {
             {
                 let mut book = lock(&self.book);
                 for line in lines.push(&buf[..n]) {
-                    let msg = if line.truncated {
-                        None
-                    } else {
-                        Wire::parse(&line.bytes)
-                    };
+                    let msg = if line.truncated { None } else { Wire::parse(&line.bytes) };
                     let Some(Wire::Ack { seq }) = msg else {
                         drop(book);
                         for ev in events {
@@ -715,11 +645,7 @@ mod tests {
         let (mut a, mut b) = pair(1000);
         let mut rng = fastrand::Rng::with_seed(7);
         for i in 0..500 {
-            let (from, to) = if i % 3 == 0 {
-                (&mut b, &mut a)
-            } else {
-                (&mut a, &mut b)
-            };
+            let (from, to) = if i % 3 == 0 { (&mut b, &mut a) } else { (&mut a, &mut b) };
             let Some(t) = from.pick(&mut rng) else {
                 continue;
             };
@@ -831,10 +757,7 @@ mod tests {
 
     #[test]
     fn wire_parsing() {
-        assert_eq!(
-            Wire::parse(b"T 5 17"),
-            Some(Wire::Transfer { seq: 5, amount: 17 })
-        );
+        assert_eq!(Wire::parse(b"T 5 17"), Some(Wire::Transfer { seq: 5, amount: 17 }));
         assert_eq!(Wire::parse(b"A 5"), Some(Wire::Ack { seq: 5 }));
         assert_eq!(Wire::parse(b"T 5 0"), None);
         assert_eq!(Wire::parse(b"T 5"), None);

@@ -30,10 +30,7 @@ use std::time::{Duration, Instant};
 pub fn spawn<F: FnOnce() + Send + 'static>(status: &StatusWriter, name: &str, f: F) {
     if let Err(e) = std::thread::Builder::new().name(name.to_string()).spawn(f) {
         status.emit(
-            Event::new("fatal")
-                .with("what", "thread spawn failed")
-                .with("thread", name)
-                .with("error", e.to_string()),
+            Event::new("fatal").with("what", "thread spawn failed").with("thread", name).with("error", e.to_string()),
         );
     }
 }
@@ -61,18 +58,9 @@ impl Modes {
                 Arc::clone(status),
             )
         });
-        let journal = cfg
-            .has(Mode::Journal)
-            .then(|| Journal::start(cfg.disk.clone(), cfg.jrate, Arc::clone(status)));
-        let dirtier = cfg
-            .has(Mode::Dirtier)
-            .then(|| Dirtier::start(cfg.mib, cfg.mibps, Arc::clone(status)));
-        Modes {
-            names: cfg.modes.clone(),
-            ledger,
-            journal,
-            dirtier,
-        }
+        let journal = cfg.has(Mode::Journal).then(|| Journal::start(cfg.disk.clone(), cfg.jrate, Arc::clone(status)));
+        let dirtier = cfg.has(Mode::Dirtier).then(|| Dirtier::start(cfg.mib, cfg.mibps, Arc::clone(status)));
+        Modes { names: cfg.modes.clone(), ledger, journal, dirtier }
     }
 
     /// All counters of the running modes, flat.
@@ -91,49 +79,31 @@ impl Modes {
     }
 
     fn names_value(&self) -> Value {
-        self.names
-            .iter()
-            .map(|m| m.name())
-            .collect::<Vec<_>>()
-            .into()
+        self.names.iter().map(|m| m.name()).collect::<Vec<_>>().into()
     }
 }
 
 fn not_running(mode: &str, verb: &str, req: Option<&str>) -> Event {
-    Event::new("error")
-        .with("what", format!("{mode} not running"))
-        .with("command", verb)
-        .req(req)
+    Event::new("error").with("what", format!("{mode} not running")).with("command", verb).req(req)
 }
 
 fn handle_line(line: &control::Line, modes: &Modes, status: &StatusWriter) {
     if line.truncated {
         let head = String::from_utf8_lossy(&line.bytes[..line.bytes.len().min(64)]).into_owned();
-        status.emit(
-            Event::new("error")
-                .with("what", "line too long")
-                .with("max", MAX_LINE)
-                .with("command", head),
-        );
+        status.emit(Event::new("error").with("what", "line too long").with("max", MAX_LINE).with("command", head));
         return;
     }
     match control::parse_command(&line.bytes) {
         Parsed::Empty => {}
-        Parsed::Bad { what, command, req } => status.emit(
-            Event::new("error")
-                .with("what", what)
-                .with("command", command)
-                .req(req.as_deref()),
-        ),
+        Parsed::Bad { what, command, req } => {
+            status.emit(Event::new("error").with("what", what).with("command", command).req(req.as_deref()))
+        }
         Parsed::Command { verb, req } => {
             let r = req.as_deref();
             match verb {
-                Verb::Status => status.emit(
-                    Event::new("status")
-                        .with("modes", modes.names_value())
-                        .extend(modes.fields())
-                        .req(r),
-                ),
+                Verb::Status => {
+                    status.emit(Event::new("status").with("modes", modes.names_value()).extend(modes.fields()).req(r))
+                }
                 Verb::Quiesce => match &modes.ledger {
                     Some(l) => l.quiesce(req),
                     None => status.emit(not_running("ledger", "quiesce", r)),
@@ -173,11 +143,7 @@ fn control_loop(mut input: impl Read, modes: &Modes, status: &StatusWriter) -> !
             Err(e) => {
                 let msg = e.to_string();
                 if last_error.as_deref() != Some(msg.as_str()) {
-                    status.emit(
-                        Event::new("error")
-                            .with("what", "control read failed")
-                            .with("error", msg.as_str()),
-                    );
+                    status.emit(Event::new("error").with("what", "control read failed").with("error", msg.as_str()));
                     last_error = Some(msg);
                 }
                 std::thread::sleep(Duration::from_millis(100));
@@ -205,10 +171,7 @@ fn read_cmdline() -> std::io::Result<String> {
 
 fn run(start: Instant) -> ! {
     let cmdline = read_cmdline();
-    let parsed = cmdline
-        .as_ref()
-        .map_err(|e| e.to_string())
-        .map(|c| config::parse(c));
+    let parsed = cmdline.as_ref().map_err(|e| e.to_string()).map(|c| config::parse(c));
     let control_path = match (&parsed, &cmdline) {
         (Ok(Ok(cfg)), _) => cfg.control.clone(),
         (_, Ok(c)) => config::control_path(c),
@@ -222,11 +185,7 @@ fn run(start: Instant) -> ! {
         Ok(Ok(cfg)) => cfg.id,
         _ => 0,
     };
-    let status = Arc::new(StatusWriter::new(
-        id,
-        start,
-        control.as_ref().ok().cloned().flatten(),
-    ));
+    let status = Arc::new(StatusWriter::new(id, start, control.as_ref().ok().cloned().flatten()));
     status.install_global();
     let control: Option<Arc<File>> = match control {
         Ok(c) => c,
@@ -248,19 +207,13 @@ fn run(start: Instant) -> ! {
                 .with("value", e.value)
                 .with("reason", e.reason),
         ),
-        Err(e) => fatal_forever(
-            &status,
-            Event::new("fatal")
-                .with("what", "cannot read kernel command line")
-                .with("error", e),
-        ),
+        Err(e) => {
+            fatal_forever(&status, Event::new("fatal").with("what", "cannot read kernel command line").with("error", e))
+        }
     };
     status.emit(
         Event::new("start")
-            .with(
-                "modes",
-                cfg.modes.iter().map(|m| m.name()).collect::<Vec<_>>(),
-            )
+            .with("modes", cfg.modes.iter().map(|m| m.name()).collect::<Vec<_>>())
             .with("peers", cfg.peers)
             .with("version", env!("CARGO_PKG_VERSION"))
             .with("balance", cfg.balance)

@@ -22,10 +22,7 @@ impl Pacer {
 
     /// A pacer firing every `interval`.
     pub fn every(interval: Duration) -> Self {
-        Pacer {
-            interval,
-            next: Instant::now() + interval,
-        }
+        Pacer { interval, next: Instant::now() + interval }
     }
 
     /// Sleeps until the next slot; when more than a second behind, restarts the schedule from now.

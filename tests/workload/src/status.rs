@@ -24,10 +24,7 @@ pub struct Event {
 impl Event {
     /// A new event named `name` (the JSON "event" field).
     pub fn new(name: &str) -> Self {
-        Event {
-            name: name.to_string(),
-            fields: Vec::new(),
-        }
+        Event { name: name.to_string(), fields: Vec::new() }
     }
 
     /// Adds a field (keys `event`, `id` and `t_ms` are reserved and must not be used).
@@ -86,12 +83,7 @@ static GLOBAL: OnceLock<Arc<StatusWriter>> = OnceLock::new();
 impl StatusWriter {
     /// A writer for guest `id`; `start` is time zero of `t_ms`.
     pub fn new(id: u32, start: Instant, control: Option<Arc<File>>) -> Self {
-        StatusWriter {
-            id,
-            start,
-            control,
-            mutex: Mutex::new(()),
-        }
+        StatusWriter { id, start, control, mutex: Mutex::new(()) }
     }
 
     /// Milliseconds since the workload started (monotonic clock).
@@ -172,13 +164,7 @@ pub fn install_panic_hook() {
         let ev = Event::new("fatal")
             .with("what", "panic")
             .with("message", info.to_string())
-            .with(
-                "thread",
-                std::thread::current()
-                    .name()
-                    .unwrap_or("unnamed")
-                    .to_string(),
-            );
+            .with("thread", std::thread::current().name().unwrap_or("unnamed").to_string());
         let written = GLOBAL.get().is_some_and(|s| s.try_emit(&ev));
         if !written {
             write_fd_all(libc::STDOUT_FILENO, ev.render(0, 0).as_bytes());
