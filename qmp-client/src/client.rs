@@ -322,6 +322,65 @@ impl Qmp {
         self.send(command, arguments, None, false, timeout).await
     }
 
+    /// Sends several in-band commands in one write, in order, then waits for every reply.
+    ///
+    /// QEMU runs in-band commands one at a time in the order they arrive, so their effects
+    /// happen in this order, one round trip in all instead of one per command. Each command
+    /// gets its own result; a failing command does not stop the ones after it.
+    pub async fn execute_raw_pipelined(&self, commands: &[(&str, Value)]) -> Vec<Result<Value, QmpError>> {
+        let timeout = self.inner.options.command_timeout;
+        let mut waits = Vec::with_capacity(commands.len());
+        let mut text = String::new();
+        {
+            let mut pending = lock(&self.inner.shared.pending);
+            for (command, arguments) in commands {
+                if let Some(reason) = pending.closed.clone() {
+                    waits.push(Err(QmpError::Disconnected { what: (*command).to_owned(), reason }));
+                    continue;
+                }
+                let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+                let (tx, rx) = oneshot::channel();
+                pending.waiting.insert(id, ((*command).to_owned(), tx));
+                let mut msg = json!({ "execute": command, "id": id });
+                if !(arguments.is_null() || arguments.as_object().is_some_and(|o| o.is_empty())) {
+                    msg["arguments"] = arguments.clone();
+                }
+                text.push_str(&format!("{msg}\n"));
+                waits.push(Ok((id, (*command).to_owned(), rx)));
+            }
+        }
+        tracing::trace!(commands = commands.len(), "QMP send pipelined");
+        let written = self.inner.writer.lock().await.write_all(text.as_bytes()).await;
+        let mut out = Vec::with_capacity(waits.len());
+        let deadline = tokio::time::Instant::now() + timeout;
+        for wait in waits {
+            let (id, command, rx) = match wait {
+                Ok(w) => w,
+                Err(e) => {
+                    out.push(Err(e));
+                    continue;
+                }
+            };
+            if let Err(e) = &written {
+                lock(&self.inner.shared.pending).waiting.remove(&id);
+                out.push(Err(QmpError::Send { command, source: std::io::Error::new(e.kind(), e.to_string()) }));
+                continue;
+            }
+            out.push(match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(_)) => Err(QmpError::Disconnected {
+                    what: command,
+                    reason: self.close_reason().unwrap_or(CloseReason::Eof),
+                }),
+                Err(_) => {
+                    lock(&self.inner.shared.pending).waiting.remove(&id);
+                    Err(QmpError::Timeout { what: command, after: timeout })
+                }
+            });
+        }
+        out
+    }
+
     /// Runs a command out-of-band (`exec-oob`), overtaking queued in-band commands.
     /// Only commands QEMU marks `allow-oob` (e.g. `migrate-pause`) accept this.
     pub async fn execute_oob_raw(&self, command: &str, arguments: Value) -> Result<Value, QmpError> {
@@ -542,6 +601,50 @@ mod tests {
         let g = Greeting::parse(&g).expect("greeting");
         assert_eq!(g.version.to_string(), "10.0.2");
         assert_eq!(g.capabilities, ["oob"]);
+    }
+
+    /// A fake QMP server: greets, accepts capabilities, then answers each command with its
+    /// position in arrival order, failing the command named `fail`.
+    async fn fake_qemu(listener: tokio::net::UnixListener, fail: &'static str) -> Vec<String> {
+        let (stream, _) = listener.accept().await.expect("accept");
+        let (r, mut w) = stream.into_split();
+        let mut lines = BufReader::new(r).lines();
+        w.write_all(b"{\"QMP\":{\"version\":{\"qemu\":{\"major\":10,\"minor\":0,\"micro\":2},\"package\":\"\"},\"capabilities\":[]}}\n")
+            .await
+            .expect("greet");
+        let mut seen = Vec::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let msg: Value = serde_json::from_str(&line).expect("json");
+            let name = msg["execute"].as_str().unwrap_or_default().to_owned();
+            let reply = if name == fail {
+                json!({"id": msg["id"], "error": {"class": "GenericError", "desc": "no"}})
+            } else {
+                json!({"id": msg["id"], "return": seen.len()})
+            };
+            if name != "qmp_capabilities" {
+                seen.push(name);
+            }
+            w.write_all(format!("{reply}\n").as_bytes()).await.expect("reply");
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn pipelined_commands_run_in_order_with_their_own_results() {
+        let dir = std::env::temp_dir().join(format!("qmp-pipelined-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("qmp.sock");
+        let _ = std::fs::remove_file(&path);
+        let server = tokio::spawn(fake_qemu(tokio::net::UnixListener::bind(&path).expect("bind"), "b"));
+        let qmp = Qmp::connect(&path).await.expect("connect");
+        let results = qmp.execute_raw_pipelined(&[("a", json!({})), ("b", Value::Null), ("c", json!({"x": 1}))]).await;
+        assert_eq!(results.len(), 3);
+        assert_eq!(results[0].as_ref().expect("a"), &json!(0));
+        assert_eq!(results[1].as_ref().expect_err("b fails").qemu_class(), Some("GenericError"));
+        assert_eq!(results[2].as_ref().expect("c"), &json!(2));
+        drop(qmp);
+        assert_eq!(server.await.expect("server"), ["a", "b", "c"]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
