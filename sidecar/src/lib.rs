@@ -1,8 +1,8 @@
 //! The per-VM sidecar: attaches to a running QEMU over QMP and takes, stores and
-//! restores its point-in-time checkpoints.
-//!
-//! Checkpointing arrives with the sidecar issue; so far this crate only defines how
-//! a VM is named in a store.
+//! restores its point-in-time checkpoints (memory, device state and every writable
+//! disk at one instant).
+
+pub mod store;
 
 /// The name under which a VM's checkpoints are kept in a store: non-empty, made of
 /// ASCII letters, digits, `-`, `_` and `.`, not starting with a dot.
@@ -17,9 +17,7 @@ impl VmName {
             return Err(format!("VM name {name:?} must have 1 to 64 characters"));
         }
         if name.starts_with('.') || !name.chars().all(ok_char) {
-            return Err(format!(
-                "VM name {name:?} may hold only letters, digits, '-', '_', '.', and not start with '.'"
-            ));
+            return Err(format!("VM name {name:?} may hold only letters, digits, '-', '_', '.', and not start with '.'"));
         }
         Ok(VmName(name.to_owned()))
     }

@@ -1,0 +1,239 @@
+//! The manifest of one checkpoint: every block and artifact with its hash and size,
+//! and what is needed to relaunch the VM. It carries a format version and a checksum.
+
+use serde::{Deserialize, Serialize};
+
+use super::blocks::{Hash, sha256_hex};
+
+/// The manifest format this code writes and reads.
+pub const FORMAT: u32 = 1;
+
+/// A checkpoint manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Format version ([`FORMAT`]).
+    pub format: u32,
+    /// Checkpoint id, increasing per VM.
+    pub id: u64,
+    /// VM name.
+    pub name: String,
+    /// The checkpoint whose disk bitmaps this one's incremental disk copies start from.
+    pub parent: Option<u64>,
+    /// Wall-clock creation time, ms since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// `background-snapshot` or `stop-and-copy`.
+    pub mode: String,
+    /// Why the mode is what it is, when it is the fallback.
+    pub mode_reason: Option<String>,
+    /// QEMU version, e.g. `10.0.2`.
+    pub qemu_version: String,
+    /// QEMU's package string.
+    pub qemu_package: String,
+    /// Machine type QEMU reports (e.g. `pc-q35-10.0`).
+    pub machine: String,
+    /// Guest RAM in bytes.
+    pub ram_bytes: u64,
+    /// QEMU's launch argv.
+    pub argv: Vec<String>,
+    /// QEMU's working directory.
+    pub cwd: Option<String>,
+    /// The QMP socket cutline attaches through.
+    pub qmp: String,
+    /// The `-pidfile` QEMU writes, if any.
+    pub pidfile: Option<String>,
+    /// Memory and device state: the migration stream as content-defined blocks.
+    pub memory: Stream,
+    /// Writable disks.
+    pub disks: Vec<Disk>,
+    /// Timings.
+    pub timings: Timings,
+    /// Bytes this checkpoint added to the store.
+    pub bytes_stored: u64,
+    /// sha256 of this manifest serialized with an empty checksum.
+    pub checksum: String,
+}
+
+/// A byte stream stored as blocks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stream {
+    /// Total length.
+    pub bytes: u64,
+    /// Blocks in order: (hash, length).
+    pub blocks: Vec<(Hash, u64)>,
+    /// Bytes newly stored for this stream.
+    pub bytes_stored: u64,
+}
+
+/// One writable disk's content at the checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    /// The block node (format layer) in QEMU.
+    pub node: String,
+    /// The guest device (qdev id or path) it is attached to.
+    pub device: String,
+    /// The image file.
+    pub filename: String,
+    /// Image format (`qcow2`, `raw`).
+    pub format: String,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// qcow2 cluster size, to recreate the image alike.
+    pub cluster_size: Option<u64>,
+    /// Chunk size of `chunks`.
+    pub chunk_size: u64,
+    /// The read-only backing image, recorded by content hash and never copied.
+    pub backing: Option<Backing>,
+    /// Chunks present in the writable layer: (chunk index, hash); [`ZERO`] for zeros.
+    /// Absent chunks read through to the backing image (or are zero without one).
+    pub chunks: Vec<(u64, Hash)>,
+    /// True when this checkpoint copied the whole disk, false when only what changed.
+    pub full: bool,
+    /// Why a full copy was taken, when one was.
+    pub full_reason: Option<String>,
+    /// Bytes newly stored for this disk.
+    pub bytes_stored: u64,
+    /// Bytes QEMU copied for this disk (the dirty clusters, or everything when full).
+    pub bytes_copied: u64,
+}
+
+/// The hash recorded for an all-zero chunk (never stored as a block).
+pub const ZERO: &str = "zero";
+
+/// A read-only backing image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backing {
+    /// Its file.
+    pub filename: String,
+    /// Its format.
+    pub format: String,
+    /// sha256 of the file.
+    pub sha256: Hash,
+    /// File size.
+    pub size: u64,
+}
+
+/// Timings of a checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timings {
+    /// Guest pause, from QEMU's STOP/RESUME timestamps.
+    pub pause_ms: f64,
+    /// From start to commit.
+    pub duration_ms: f64,
+    /// Saving memory and device state.
+    pub memory_ms: f64,
+    /// Copying and storing disks.
+    pub disks_ms: f64,
+    /// Making everything durable (syncfs + manifest).
+    pub sync_ms: f64,
+}
+
+/// Errors of reading a manifest.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// Not valid JSON of the expected shape.
+    #[error("manifest is not valid: {0}")]
+    Parse(#[from] serde_json::Error),
+    /// Written by another format version.
+    #[error("manifest format {found} is not supported (this cutline reads format {FORMAT})")]
+    Format {
+        /// The version found.
+        found: u32,
+    },
+    /// The checksum does not match.
+    #[error("manifest checksum mismatch: the file is damaged")]
+    Checksum,
+}
+
+impl Manifest {
+    /// Fills in the checksum.
+    pub fn seal(&mut self) {
+        self.checksum = String::new();
+        let body = serde_json::to_vec(self).unwrap_or_default();
+        self.checksum = sha256_hex(&body);
+    }
+
+    /// Serializes a sealed manifest.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+
+    /// Parses and checks a manifest.
+    pub fn from_bytes(data: &[u8]) -> Result<Manifest, ManifestError> {
+        let m: Manifest = serde_json::from_slice(data)?;
+        if m.format != FORMAT {
+            return Err(ManifestError::Format { found: m.format });
+        }
+        let mut copy = m.clone();
+        copy.seal();
+        if copy.checksum != m.checksum {
+            return Err(ManifestError::Checksum);
+        }
+        Ok(m)
+    }
+
+    /// Every block this checkpoint references.
+    pub fn blocks(&self) -> impl Iterator<Item = &str> {
+        self.memory
+            .blocks
+            .iter()
+            .map(|(h, _)| h.as_str())
+            .chain(self.disks.iter().flat_map(|d| d.chunks.iter().map(|(_, h)| h.as_str())))
+            .filter(|h| *h != ZERO)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample(id: u64) -> Manifest {
+        let mut m = Manifest {
+            format: FORMAT,
+            id,
+            name: "vm".into(),
+            parent: None,
+            created_unix_ms: 1,
+            mode: "background-snapshot".into(),
+            mode_reason: None,
+            qemu_version: "10.0.2".into(),
+            qemu_package: String::new(),
+            machine: "pc-q35-10.0".into(),
+            ram_bytes: 1 << 27,
+            argv: vec!["qemu-system-x86_64".into()],
+            cwd: None,
+            qmp: "/tmp/q.sock".into(),
+            pidfile: None,
+            memory: Stream { bytes: 3, blocks: vec![("a".repeat(64), 3)], bytes_stored: 3 },
+            disks: vec![],
+            timings: Timings::default(),
+            bytes_stored: 3,
+            checksum: String::new(),
+        };
+        m.seal();
+        m
+    }
+
+    #[test]
+    fn round_trips_and_detects_tampering() {
+        let m = sample(1);
+        let bytes = m.to_bytes();
+        assert_eq!(Manifest::from_bytes(&bytes).expect("parse"), m);
+        let tampered = String::from_utf8(bytes).expect("utf8").replace("\"ram_bytes\": 134217728", "\"ram_bytes\": 1");
+        assert!(matches!(Manifest::from_bytes(tampered.as_bytes()), Err(ManifestError::Checksum)));
+    }
+
+    #[test]
+    fn refuses_other_formats() {
+        let mut m = sample(1);
+        m.format = 99;
+        m.seal();
+        assert!(matches!(Manifest::from_bytes(&m.to_bytes()), Err(ManifestError::Format { found: 99 })));
+    }
+}

@@ -1,0 +1,466 @@
+//! A local checkpoint store: content-addressed blocks shared by every VM of the store,
+//! and per VM the manifests of its checkpoints.
+//!
+//! ```text
+//! STORE/blocks/ab/abcdef…   block files (sha256 of the uncompressed content)
+//! STORE/vms/NAME/ID.json     manifests; a checkpoint exists once its manifest does
+//! STORE/tmp/                 work files, on the same filesystem for renames
+//! STORE/lock                 shared by writers of blocks, exclusive for gc
+//! STORE/vms/NAME/lock        one operation per VM at a time
+//! ```
+
+pub mod blocks;
+pub mod compress;
+pub mod manifest;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+pub use blocks::{BlockError, Blocks, Hash, Put};
+pub use compress::{Estimates, Policy};
+pub use manifest::{Manifest, ManifestError};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store directory cannot be created or written.
+    #[error("store {path} is not writable")]
+    NotWritable {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another operation holds the lock.
+    #[error("{what} is busy: another cutline operation holds {path}")]
+    Busy {
+        /// What is locked.
+        what: String,
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// No such checkpoint.
+    #[error("no checkpoint {id} of VM {name} in {store}")]
+    NoCheckpoint {
+        /// VM name.
+        name: String,
+        /// Checkpoint id (or "any").
+        id: String,
+        /// Store path.
+        store: PathBuf,
+    },
+    /// A manifest is unreadable or damaged.
+    #[error("checkpoint manifest {path} is unusable")]
+    Manifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: ManifestError,
+    },
+    /// A file operation failed.
+    #[error("{what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A block operation failed.
+    #[error(transparent)]
+    Block(#[from] BlockError),
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io { what, path: path.to_owned(), source }
+}
+
+/// An opened store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+    blocks: Blocks,
+}
+
+/// A held lock; released on drop.
+pub struct Lock(#[allow(dead_code)] Flock<File>);
+
+/// A damaged block and the checkpoints it breaks.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Damage {
+    /// The block (or manifest/backing file) at fault.
+    pub item: String,
+    /// What is wrong.
+    pub why: String,
+    /// Checkpoints that cannot be restored because of it: (name, id).
+    pub breaks: Vec<(String, u64)>,
+}
+
+/// What gc did.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct GcReport {
+    /// Checkpoint ids removed.
+    pub removed: Vec<u64>,
+    /// Checkpoint ids kept.
+    pub kept: Vec<u64>,
+    /// Blocks deleted.
+    pub blocks_removed: u64,
+    /// Bytes freed.
+    pub bytes_freed: u64,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`, checking that it is writable.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        let not_writable = |source| StoreError::NotWritable { path: root.to_owned(), source };
+        for d in ["blocks", "vms", "tmp"] {
+            std::fs::create_dir_all(root.join(d)).map_err(not_writable)?;
+        }
+        let probe = root.join("tmp").join(format!(".probe-{}", std::process::id()));
+        File::create(&probe).and_then(|mut f| f.write_all(b"x")).map_err(not_writable)?;
+        let _ = std::fs::remove_file(&probe);
+        Ok(Store { blocks: Blocks::new(root.join("blocks"), root.join("tmp")), root: root.to_owned() })
+    }
+
+    /// Opens an existing store for reading; errors if `root` is not a store.
+    pub fn open_existing(root: &Path) -> Result<Store, StoreError> {
+        if !root.join("vms").is_dir() || !root.join("blocks").is_dir() {
+            return Err(StoreError::Io {
+                what: "not a cutline store (no vms/ and blocks/):",
+                path: root.to_owned(),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
+        Ok(Store { blocks: Blocks::new(root.join("blocks"), root.join("tmp")), root: root.to_owned() })
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The block directory.
+    pub fn blocks(&self) -> &Blocks {
+        &self.blocks
+    }
+
+    /// The work directory.
+    pub fn tmp(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    fn vm_dir(&self, name: &str) -> PathBuf {
+        self.root.join("vms").join(name)
+    }
+
+    fn lock(&self, path: PathBuf, what: String, arg: FlockArg) -> Result<Lock, StoreError> {
+        if let Some(p) = path.parent() {
+            std::fs::create_dir_all(p).map_err(io("cannot create", p))?;
+        }
+        let f = File::options().create(true).truncate(false).write(true).open(&path).map_err(io("cannot open", &path))?;
+        Flock::lock(f, arg).map(Lock).map_err(|_| StoreError::Busy { what, path })
+    }
+
+    /// Locks VM `name` for one operation (checkpoint, restore, gc) without waiting.
+    pub fn lock_vm(&self, name: &str) -> Result<Lock, StoreError> {
+        self.lock(self.vm_dir(name).join("lock"), format!("VM {name}"), FlockArg::LockExclusiveNonblock)
+    }
+
+    /// Shared store lock, held while blocks are written that no manifest references yet.
+    pub fn lock_shared(&self) -> Result<Lock, StoreError> {
+        self.lock(self.root.join("lock"), "the store".into(), FlockArg::LockShared)
+    }
+
+    /// Exclusive store lock, for gc.
+    pub fn lock_exclusive(&self) -> Result<Lock, StoreError> {
+        self.lock(self.root.join("lock"), "the store".into(), FlockArg::LockExclusive)
+    }
+
+    /// Names of the VMs with checkpoints.
+    pub fn names(&self) -> Result<Vec<String>, StoreError> {
+        let dir = self.root.join("vms");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).map_err(io("cannot list", &dir))? {
+            let e = e.map_err(io("cannot list", &dir))?;
+            if e.path().is_dir() {
+                out.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Checkpoint ids of VM `name`, oldest first.
+    pub fn ids(&self, name: &str) -> Result<Vec<u64>, StoreError> {
+        let dir = self.vm_dir(name);
+        let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(Vec::new()) };
+        let mut ids: Vec<u64> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).and_then(|n| n.parse().ok()))
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    fn manifest_path(&self, name: &str, id: u64) -> PathBuf {
+        self.vm_dir(name).join(format!("{id:010}.json"))
+    }
+
+    /// Reads and checks checkpoint `id` of VM `name`.
+    pub fn manifest(&self, name: &str, id: u64) -> Result<Manifest, StoreError> {
+        let path = self.manifest_path(name, id);
+        let data = std::fs::read(&path).map_err(|_| StoreError::NoCheckpoint {
+            name: name.to_owned(),
+            id: id.to_string(),
+            store: self.root.clone(),
+        })?;
+        Manifest::from_bytes(&data).map_err(|source| StoreError::Manifest { path, source })
+    }
+
+    /// sha256 of a manifest file: what a cluster commit record names.
+    pub fn manifest_digest(&self, name: &str, id: u64) -> Result<Hash, StoreError> {
+        let path = self.manifest_path(name, id);
+        let data = std::fs::read(&path).map_err(io("cannot read", &path))?;
+        Ok(blocks::sha256_hex(&data))
+    }
+
+    /// The newest checkpoint of `name`, if any.
+    pub fn latest(&self, name: &str) -> Result<Option<Manifest>, StoreError> {
+        match self.ids(name)?.last() {
+            Some(&id) => self.manifest(name, id).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The id the next checkpoint of `name` gets.
+    pub fn next_id(&self, name: &str) -> Result<u64, StoreError> {
+        Ok(self.ids(name)?.last().map_or(1, |l| l + 1))
+    }
+
+    /// Makes every block written so far durable, then writes the manifest atomically:
+    /// temp file, fsync, rename, fsync of the directory. The checkpoint exists from here.
+    pub fn commit(&self, manifest: &mut Manifest) -> Result<PathBuf, StoreError> {
+        let root = File::open(&self.root).map_err(io("cannot open", &self.root))?;
+        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)).map_err(|e| StoreError::Io {
+            what: "cannot sync the filesystem of",
+            path: self.root.clone(),
+            source: e.into(),
+        })?;
+        manifest.seal();
+        let dir = self.vm_dir(&manifest.name);
+        std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        let path = self.manifest_path(&manifest.name, manifest.id);
+        let tmp = self.tmp().join(format!("manifest-{}-{}.json", manifest.name, manifest.id));
+        write_durably(&tmp, &manifest.to_bytes())?;
+        std::fs::rename(&tmp, &path).map_err(io("cannot rename into place", &path))?;
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", &dir))?;
+        Ok(path)
+    }
+
+    /// Compression estimates kept across runs (defaults when none are saved).
+    pub fn estimates(&self) -> Estimates {
+        std::fs::read(self.root.join("estimates.json"))
+            .ok()
+            .and_then(|d| serde_json::from_slice(&d).ok())
+            .unwrap_or_default()
+    }
+
+    /// Saves compression estimates (best effort: they are only a hint).
+    pub fn save_estimates(&self, est: &Estimates) {
+        let tmp = self.tmp().join("estimates.json");
+        if let Ok(d) = serde_json::to_vec(est)
+            && std::fs::write(&tmp, d).is_ok()
+        {
+            let _ = std::fs::rename(&tmp, self.root.join("estimates.json"));
+        }
+    }
+
+    /// Re-hashes every block of the checkpoints of `name` (or of all VMs), names each
+    /// damaged block and the checkpoints it breaks. Also checks manifests and backing files.
+    pub fn verify(&self, name: Option<&str>, mut progress: impl FnMut(u64, u64)) -> Result<Vec<Damage>, StoreError> {
+        let names = match name {
+            Some(n) => vec![n.to_owned()],
+            None => self.names()?,
+        };
+        let mut damage = Vec::new();
+        let mut users: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
+        let mut backings: BTreeMap<(String, String), Vec<(String, u64)>> = BTreeMap::new();
+        for n in &names {
+            for id in self.ids(n)? {
+                match self.manifest(n, id) {
+                    Ok(m) => {
+                        for h in m.blocks() {
+                            users.entry(h.to_owned()).or_default().push((n.clone(), id));
+                        }
+                        for d in &m.disks {
+                            if let Some(b) = &d.backing {
+                                backings.entry((b.filename.clone(), b.sha256.clone())).or_default().push((n.clone(), id));
+                            }
+                        }
+                    }
+                    Err(e) => damage.push(Damage {
+                        item: self.manifest_path(n, id).display().to_string(),
+                        why: error_chain(&e),
+                        breaks: vec![(n.clone(), id)],
+                    }),
+                }
+            }
+        }
+        let total = users.len() as u64;
+        for (i, (hash, breaks)) in users.into_iter().enumerate() {
+            if let Err(e) = self.blocks.get(&hash) {
+                let mut breaks = breaks;
+                breaks.dedup();
+                damage.push(Damage { item: format!("block {hash}"), why: error_chain(&e), breaks });
+            }
+            progress(i as u64 + 1, total);
+        }
+        for ((file, sha), breaks) in backings {
+            match hash_file(Path::new(&file)) {
+                Ok(actual) if actual == sha => {}
+                Ok(actual) => damage.push(Damage {
+                    item: format!("backing image {file}"),
+                    why: format!("content changed: sha256 {actual}, recorded {sha}"),
+                    breaks,
+                }),
+                Err(e) => damage.push(Damage { item: format!("backing image {file}"), why: e.to_string(), breaks }),
+            }
+        }
+        Ok(damage)
+    }
+
+    /// Removes the checkpoints of `name` beyond the newest `keep`, then every block no
+    /// remaining checkpoint of any VM uses. Crash-safe: manifests go first, so a block is
+    /// deleted only once nothing that is kept references it.
+    pub fn gc(&self, name: &str, keep: usize) -> Result<GcReport, StoreError> {
+        let _vm = self.lock_vm(name)?;
+        let _store = self.lock_exclusive()?;
+        let ids = self.ids(name)?;
+        let cut = ids.len().saturating_sub(keep);
+        let (removed, kept) = ids.split_at(cut);
+        let dir = self.vm_dir(name);
+        for &id in removed {
+            let p = self.manifest_path(name, id);
+            std::fs::remove_file(&p).map_err(io("cannot remove", &p))?;
+        }
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", &dir))?;
+        let mut referenced = BTreeSet::new();
+        for n in self.names()? {
+            for id in self.ids(&n)? {
+                // A damaged manifest still protects the blocks it may name: keep them all
+                // rather than guess, and let verify report it.
+                let path = self.manifest_path(&n, id);
+                let data = std::fs::read(&path).map_err(io("cannot read", &path))?;
+                match Manifest::from_bytes(&data) {
+                    Ok(m) => referenced.extend(m.blocks().map(str::to_owned)),
+                    Err(_) => return Err(StoreError::Manifest { path, source: ManifestError::Checksum }),
+                }
+            }
+        }
+        let mut report = GcReport { removed: removed.to_vec(), kept: kept.to_vec(), ..GcReport::default() };
+        let all = self.blocks.list().map_err(io("cannot list", self.blocks.dir()))?;
+        for h in all.into_iter().filter(|h| !referenced.contains(h)) {
+            let size = std::fs::metadata(self.blocks.path(&h)).map(|m| m.len()).unwrap_or(0);
+            self.blocks.remove(&h).map_err(io("cannot remove block", &self.blocks.path(&h)))?;
+            report.blocks_removed += 1;
+            report.bytes_freed += size;
+        }
+        if let Ok(entries) = std::fs::read_dir(self.tmp()) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// Writes `data` to `path` and fsyncs it.
+pub fn write_durably(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    let mut f = File::create(path).map_err(io("cannot create", path))?;
+    f.write_all(data).map_err(io("cannot write", path))?;
+    f.sync_all().map_err(io("cannot sync", path))
+}
+
+/// sha256 of a whole file.
+pub fn hash_file(path: &Path) -> std::io::Result<Hash> {
+    use sha2::Digest;
+    let mut f = File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(blocks::hex(&h.finalize()))
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_list_verify_gc() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(d.path()).expect("open");
+        let mut policy = Policy::new(Estimates::default());
+        let shared = store.blocks().put(b"shared block", &mut policy).expect("put");
+        let mut ids = Vec::new();
+        for i in 0..3u8 {
+            let own = store.blocks().put(&[i; 100], &mut policy).expect("put");
+            let mut m = manifest::tests::sample(store.next_id("vm").expect("id"));
+            m.memory.blocks = vec![(shared.hash.clone(), 12), (own.hash.clone(), 100)];
+            store.commit(&mut m).expect("commit");
+            ids.push(m.id);
+        }
+        assert_eq!(store.ids("vm").expect("ids"), vec![1, 2, 3]);
+        assert!(store.verify(Some("vm"), |_, _| {}).expect("verify").is_empty());
+
+        // Damage the block only checkpoint 2 uses: verify names it and checkpoint 2 alone.
+        let m2 = store.manifest("vm", 2).expect("m2");
+        let own2 = m2.memory.blocks[1].0.clone();
+        std::fs::write(store.blocks().path(&own2), b"\x00garbage").expect("damage");
+        let damage = store.verify(Some("vm"), |_, _| {}).expect("verify");
+        assert_eq!(damage.len(), 1);
+        assert!(damage[0].item.contains(&own2));
+        assert_eq!(damage[0].breaks, vec![("vm".to_owned(), 2)]);
+
+        let report = store.gc("vm", 1).expect("gc");
+        assert_eq!(report.removed, vec![1, 2]);
+        assert_eq!(report.kept, vec![3]);
+        assert_eq!(report.blocks_removed, 2);
+        let m3 = store.manifest("vm", 3).expect("m3");
+        for h in m3.blocks() {
+            store.blocks().get(h).expect("kept blocks intact");
+        }
+    }
+
+    #[test]
+    fn a_busy_vm_is_refused() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(d.path()).expect("open");
+        let _held = store.lock_vm("vm").expect("lock");
+        assert!(matches!(store.lock_vm("vm"), Err(StoreError::Busy { .. })));
+    }
+
+    #[test]
+    fn an_unwritable_store_is_named() {
+        let err = Store::open(Path::new("/proc/cutline-store")).expect_err("unwritable");
+        assert!(err.to_string().contains("/proc/cutline-store"), "{err}");
+    }
+}
