@@ -16,6 +16,8 @@ pub enum Mode {
     Journal,
     /// Memory dirtier at a fixed rate.
     Dirtier,
+    /// Sequence-numbered UDP datagrams and a checked TCP byte stream to the next guest.
+    Stream,
     /// Ticks and commands only.
     Idle,
 }
@@ -27,6 +29,7 @@ impl Mode {
             Mode::Ledger => "ledger",
             Mode::Journal => "journal",
             Mode::Dirtier => "dirtier",
+            Mode::Stream => "stream",
             Mode::Idle => "idle",
         }
     }
@@ -36,6 +39,7 @@ impl Mode {
             "ledger" => Some(Mode::Ledger),
             "journal" => Some(Mode::Journal),
             "dirtier" => Some(Mode::Dirtier),
+            "stream" => Some(Mode::Stream),
             "idle" => Some(Mode::Idle),
             _ => None,
         }
@@ -67,6 +71,12 @@ pub struct Config {
     pub mibps: u64,
     /// Control channel device path (`stdio` = stdin/stdout, `none` = no control channel).
     pub control: String,
+    /// Stream: UDP datagrams per second (0 = none).
+    pub srate: u32,
+    /// Stream: UDP and TCP port.
+    pub sport: u16,
+    /// Stream: TCP bytes per second (0 = no TCP stream).
+    pub tbps: u64,
 }
 
 impl Default for Config {
@@ -83,6 +93,9 @@ impl Default for Config {
             mib: 64,
             mibps: 8,
             control: DEFAULT_CONTROL.to_string(),
+            srate: 100,
+            sport: 7200,
+            tbps: 16 * 1024,
         }
     }
 }
@@ -224,6 +237,14 @@ pub fn parse(cmdline: &str) -> Result<Config, ConfigError> {
                 }
             }
             "cutline.mibps" => cfg.mibps = num(&key, v)?,
+            "cutline.srate" => cfg.srate = num(&key, v)?,
+            "cutline.sport" => {
+                cfg.sport = num(&key, v)?;
+                if cfg.sport == 0 {
+                    return Err(bad(&key, v, "must not be 0"));
+                }
+            }
+            "cutline.tbps" => cfg.tbps = num(&key, v)?,
             "cutline.control" => {
                 if v != "stdio" && v != "none" && !v.starts_with('/') {
                     return Err(bad(&key, v, "must be an absolute path, 'stdio' or 'none'"));
@@ -265,6 +286,15 @@ mod tests {
         assert_eq!((cfg.mib, cfg.mibps), (16, 2));
         assert_eq!(cfg.control, "/dev/hvc1");
         assert!(cfg.has(Mode::Journal) && !cfg.has(Mode::Dirtier));
+    }
+
+    #[test]
+    fn stream_settings() {
+        let cfg = parse("cutline.mode=stream cutline.peers=2 cutline.srate=500 cutline.sport=7300 cutline.tbps=0")
+            .expect("parse");
+        assert_eq!(cfg.modes, vec![Mode::Stream]);
+        assert_eq!((cfg.srate, cfg.sport, cfg.tbps), (500, 7300, 0));
+        assert!(parse("cutline.sport=0").is_err());
     }
 
     #[test]

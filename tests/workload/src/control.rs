@@ -21,6 +21,10 @@ pub enum Verb {
     Resume,
     /// Scan the journal disk and compare with the in-memory count.
     Check,
+    /// Stop the stream's senders.
+    StreamStop,
+    /// Start the stream's senders again.
+    StreamStart,
 }
 
 /// Result of parsing one control line.
@@ -62,6 +66,8 @@ pub fn parse_command(line: &[u8]) -> Parsed {
         "balance" => Some(Verb::Balance),
         "resume" => Some(Verb::Resume),
         "check" => Some(Verb::Check),
+        "stream-stop" => Some(Verb::StreamStop),
+        "stream-start" => Some(Verb::StreamStart),
         _ => None,
     };
     let command: String = text.chars().take(200).collect();
@@ -163,6 +169,8 @@ mod tests {
         assert_eq!(parse_command(b"  balance 7 "), cmd(Verb::Balance, Some("7")));
         assert_eq!(parse_command(b"resume\tx"), cmd(Verb::Resume, Some("x")));
         assert_eq!(parse_command(b"check c9"), cmd(Verb::Check, Some("c9")));
+        assert_eq!(parse_command(b"stream-stop s1"), cmd(Verb::StreamStop, Some("s1")));
+        assert_eq!(parse_command(b"stream-start"), cmd(Verb::StreamStart, None));
         assert_eq!(parse_command(b""), Parsed::Empty);
         assert_eq!(parse_command(b" \r\0"), Parsed::Empty);
     }

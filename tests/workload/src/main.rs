@@ -13,6 +13,7 @@ mod journal;
 mod ledger;
 mod pacer;
 mod status;
+mod stream;
 
 use config::{Config, Mode};
 use control::{LineBuffer, MAX_LINE, Parsed, Verb};
@@ -25,6 +26,7 @@ use std::fs::File;
 use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use stream::{Stream, StreamConfig};
 
 /// Spawns a named thread; failure to do so is reported as a `fatal` status.
 pub fn spawn<F: FnOnce() + Send + 'static>(status: &StatusWriter, name: &str, f: F) {
@@ -42,6 +44,7 @@ struct Modes {
     ledger: Option<Arc<Ledger>>,
     journal: Option<Arc<Journal>>,
     dirtier: Option<Arc<Dirtier>>,
+    stream: Option<Arc<Stream>>,
 }
 
 impl Modes {
@@ -60,7 +63,19 @@ impl Modes {
         });
         let journal = cfg.has(Mode::Journal).then(|| Journal::start(cfg.disk.clone(), cfg.jrate, Arc::clone(status)));
         let dirtier = cfg.has(Mode::Dirtier).then(|| Dirtier::start(cfg.mib, cfg.mibps, Arc::clone(status)));
-        Modes { names: cfg.modes.clone(), ledger, journal, dirtier }
+        let stream = cfg.has(Mode::Stream).then(|| {
+            Stream::start(
+                StreamConfig {
+                    id: cfg.id as usize,
+                    peers: cfg.peers as usize,
+                    port: cfg.sport,
+                    rate: cfg.srate,
+                    tcp_bps: cfg.tbps,
+                },
+                Arc::clone(status),
+            )
+        });
+        Modes { names: cfg.modes.clone(), ledger, journal, dirtier, stream }
     }
 
     /// All counters of the running modes, flat.
@@ -74,6 +89,9 @@ impl Modes {
         }
         if let Some(d) = &self.dirtier {
             f.extend(d.fields());
+        }
+        if let Some(s) = &self.stream {
+            f.extend(s.fields());
         }
         f
     }
@@ -119,6 +137,10 @@ fn handle_line(line: &control::Line, modes: &Modes, status: &StatusWriter) {
                 Verb::Check => match &modes.journal {
                     Some(j) => j.check(req),
                     None => status.emit(not_running("journal", "check", r)),
+                },
+                Verb::StreamStop | Verb::StreamStart => match &modes.stream {
+                    Some(s) => s.set_sending(verb == Verb::StreamStart, r),
+                    None => status.emit(not_running("stream", "stream-stop/start", r)),
                 },
             }
         }
@@ -223,6 +245,9 @@ fn run(start: Instant) -> ! {
             .with("jrate", cfg.jrate)
             .with("mib", cfg.mib)
             .with("mibps", cfg.mibps)
+            .with("srate", cfg.srate)
+            .with("sport", cfg.sport)
+            .with("tbps", cfg.tbps)
             .with("control", cfg.control.as_str()),
     );
     let modes = Modes::start(&cfg, &status);
