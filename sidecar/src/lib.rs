@@ -2,6 +2,11 @@
 //! restores its point-in-time checkpoints (memory, device state and every writable
 //! disk at one instant).
 
+pub mod attach;
+pub mod checkpoint;
+pub mod disk;
+pub mod memory;
+pub mod restore;
 pub mod store;
 
 /// The name under which a VM's checkpoints are kept in a store: non-empty, made of

@@ -1,1 +1,258 @@
-fn main() {}
+//! `cutline-sidecar`: checkpoint, restore, list, verify and gc one VM's checkpoints.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use sidecar::store::{Store, error_chain};
+use sidecar::{VmName, attach, checkpoint, restore};
+
+/// Per-VM agent of cutline: point-in-time checkpoints of a running QEMU guest.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Print one JSON object on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Show what cutline sees of a running guest (disks, RAM, argv).
+    Attach {
+        /// The guest's QMP unix socket.
+        #[arg(long)]
+        qmp: PathBuf,
+    },
+    /// Take one checkpoint of a running guest.
+    Checkpoint {
+        /// The guest's QMP unix socket.
+        #[arg(long)]
+        qmp: PathBuf,
+        /// The store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// The VM's name in the store.
+        #[arg(long)]
+        name: String,
+        /// Copy every disk in full.
+        #[arg(long)]
+        full: bool,
+        /// Use stop-and-copy instead of background-snapshot.
+        #[arg(long)]
+        stop_and_copy: bool,
+    },
+    /// Restore a checkpoint: relaunch QEMU with the recorded argv and the saved state.
+    Restore {
+        /// The store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// The VM's name in the store.
+        #[arg(long)]
+        name: String,
+        /// The checkpoint (default: the newest).
+        #[arg(long)]
+        checkpoint: Option<u64>,
+        /// Leave the restored guest paused.
+        #[arg(long)]
+        paused: bool,
+    },
+    /// List checkpoints.
+    List {
+        /// The store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// Only this VM.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Re-hash every block; name each damaged one and the checkpoints it breaks.
+    Verify {
+        /// The store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// Only this VM.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Remove checkpoints beyond the newest N and the blocks only they used.
+    Gc {
+        /// The store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// The VM's name in the store.
+        #[arg(long)]
+        name: String,
+        /// How many checkpoints to keep.
+        #[arg(long)]
+        keep: usize,
+    },
+}
+
+/// Exit codes: 1 failure, 3 damage found, 4 busy.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if let Some(sidecar::store::StoreError::Busy { .. }) = cause.downcast_ref() {
+            return 4;
+        }
+    }
+    1
+}
+
+fn name(s: &str) -> anyhow::Result<VmName> {
+    VmName::new(s).map_err(anyhow::Error::msg)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let json = cli.json;
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cutline-sidecar: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            if json {
+                println!("{}", json!({"error": error_chain(e.as_ref())}));
+            } else {
+                eprintln!("cutline-sidecar: {}", error_chain(e.as_ref()));
+            }
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn print(json: bool, value: serde_json::Value, text: String) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{text}");
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let json = cli.json;
+    let tty = std::io::stderr().is_terminal();
+    let mut progress = |msg: &str| {
+        if tty && !json {
+            eprintln!("  {msg}");
+        }
+        tracing::debug!("{msg}");
+    };
+    match cli.cmd {
+        Cmd::Attach { qmp } => {
+            let q = attach::connect(&qmp).await?;
+            let ident = attach::identify(&q, &qmp).await?;
+            let v = serde_json::to_value(&ident)?;
+            let disks: Vec<String> = ident.disks.iter().map(|d| format!("{} ({}, {}, {} MiB)", d.device, d.node, d.format, d.virtual_size >> 20)).collect();
+            print(json, v, format!(
+                "QEMU {} pid {}, machine {}, {} MiB RAM, {}\nwritable disks: {}",
+                ident.qemu_version, ident.pid, ident.machine, ident.ram_bytes >> 20, ident.status,
+                if disks.is_empty() { "none".into() } else { disks.join(", ") }
+            ));
+        }
+        Cmd::Checkpoint { qmp, store, name: n, full, stop_and_copy } => {
+            let n = name(&n)?;
+            let store = Store::open(&store)?;
+            let q = attach::connect(&qmp).await?;
+            let opts = checkpoint::Options { full, stop_and_copy };
+            let m = checkpoint::checkpoint(&q, &store, n.as_str(), &opts, &mut progress).await?;
+            let r = checkpoint::Report::of(&m);
+            print(json, serde_json::to_value(&r)?, format!(
+                "checkpoint {} of {}: {} mode, guest paused {:.1} ms, took {:.0} ms, stored {} KiB ({} KiB memory of a {} MiB stream{})",
+                r.id, r.name, r.mode, r.pause_ms, r.duration_ms, r.bytes_stored >> 10, r.memory_bytes_stored >> 10,
+                r.memory_bytes >> 20,
+                r.disks.iter().map(|d| format!(", disk {} {} {} KiB", d.node, if d.full { "full" } else { "incremental" }, d.bytes_stored >> 10)).collect::<String>()
+            ));
+        }
+        Cmd::Restore { store, name: n, checkpoint, paused } => {
+            let n = name(&n)?;
+            let store = Store::open_existing(&store)?;
+            let r = restore::restore(&store, n.as_str(), checkpoint, paused, &mut progress).await?;
+            print(json, serde_json::to_value(&r)?, format!(
+                "restored checkpoint {} of {} in {:.0} ms: QEMU pid {}{}",
+                r.id, r.name, r.duration_ms, r.pid, if r.paused { ", paused" } else { "" }
+            ));
+        }
+        Cmd::List { store, name: n } => {
+            let store = Store::open_existing(&store)?;
+            let names = match n {
+                Some(n) => vec![name(&n)?.as_str().to_owned()],
+                None => store.names()?,
+            };
+            let mut rows = Vec::new();
+            for n in names {
+                for id in store.ids(&n)? {
+                    match store.manifest(&n, id) {
+                        Ok(m) => rows.push(json!({"name": n, "id": id, "created_unix_ms": m.created_unix_ms,
+                            "mode": m.mode, "pause_ms": m.timings.pause_ms, "bytes_stored": m.bytes_stored,
+                            "ram_bytes": m.ram_bytes, "disks": m.disks.len(), "parent": m.parent})),
+                        Err(e) => rows.push(json!({"name": n, "id": id, "error": error_chain(&e)})),
+                    }
+                }
+            }
+            let text = rows
+                .iter()
+                .map(|r| match r.get("error") {
+                    Some(e) => format!("{} {:>6}  DAMAGED: {}", r["name"].as_str().unwrap_or(""), r["id"], e),
+                    None => format!("{} {:>6}  {}  pause {:.1} ms  stored {} KiB", r["name"].as_str().unwrap_or(""), r["id"],
+                        r["mode"].as_str().unwrap_or(""), r["pause_ms"].as_f64().unwrap_or(0.0), r["bytes_stored"].as_u64().unwrap_or(0) >> 10),
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            print(json, json!({"checkpoints": rows}), if text.is_empty() { "no checkpoints".into() } else { text });
+        }
+        Cmd::Verify { store, name: n } => {
+            let store = Store::open_existing(&store)?;
+            let n = n.map(|n| name(&n)).transpose()?;
+            let damage = tokio::task::block_in_place(|| {
+                store.verify(n.as_ref().map(VmName::as_str), |done, total| {
+                    if tty && !json && (done % 1000 == 0 || done == total) {
+                        eprint!("\r  verified {done}/{total} blocks");
+                        if done == total {
+                            eprintln!();
+                        }
+                    }
+                })
+            })
+            .context("verify")?;
+            let text = if damage.is_empty() {
+                "all checkpoints verified".to_owned()
+            } else {
+                damage
+                    .iter()
+                    .map(|d| format!("{}: {}; breaks {}", d.item, d.why,
+                        d.breaks.iter().map(|(n, i)| format!("{n}#{i}")).collect::<Vec<_>>().join(", ")))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            print(json, json!({"ok": damage.is_empty(), "damage": damage}), text);
+            if !damage.is_empty() {
+                return Ok(3);
+            }
+        }
+        Cmd::Gc { store, name: n, keep } => {
+            let n = name(&n)?;
+            let store = Store::open_existing(&store)?;
+            let r = store.gc(n.as_str(), keep)?;
+            print(json, serde_json::to_value(&r)?, format!(
+                "removed checkpoints {:?}, kept {:?}; deleted {} blocks ({} KiB)",
+                r.removed, r.kept, r.blocks_removed, r.bytes_freed >> 10
+            ));
+        }
+    }
+    Ok(0)
+}

@@ -132,7 +132,14 @@ pub struct Guest {
     /// When QEMU was spawned.
     pub started: Instant,
     control: Option<Control>,
-    child: Child,
+    process: Process,
+}
+
+/// The QEMU process of a guest: started by the test, or adopted after a restore
+/// started it in its own session (its pid is its process group id).
+enum Process {
+    Child(Child),
+    Adopted(i32),
 }
 
 /// The QEMU binary: `$CUTLINE_QEMU` or `qemu-system-x86_64`.
@@ -239,13 +246,20 @@ impl Guest {
         }
         let started = Instant::now();
         let child = cmd.spawn().map_err(|source| GuestError::Spawn { name: spec.name.clone(), source })?;
-        let mut guest =
-            Guest { name: spec.name.clone(), qmp_path: dir.join("qmp.sock"), dir, argv, started, control: None, child };
+        let mut guest = Guest {
+            name: spec.name.clone(),
+            qmp_path: dir.join("qmp.sock"),
+            dir,
+            argv,
+            started,
+            control: None,
+            process: Process::Child(child),
+        };
         let control = Control::connect(&guest.dir.join("control.sock"), Duration::from_secs(10)).await;
         match control {
             Ok(c) => guest.control = Some(c),
             Err(e) => {
-                if guest.child.try_wait().ok().flatten().is_some() {
+                if !guest.is_running() {
                     return Err(GuestError::Exited { name: guest.name.clone(), stderr: guest.stderr() });
                 }
                 return Err(e.into());
@@ -254,9 +268,28 @@ impl Guest {
         Ok(guest)
     }
 
+    /// Takes charge of a QEMU that a restore relaunched for this guest (same directory
+    /// and argv), reconnecting to its control channel; it is killed on drop like any guest.
+    pub async fn adopt(&self, pid: i32) -> Result<Guest, GuestError> {
+        let mut guest = Guest {
+            name: self.name.clone(),
+            dir: self.dir.clone(),
+            qmp_path: self.qmp_path.clone(),
+            argv: self.argv.clone(),
+            started: Instant::now(),
+            control: None,
+            process: Process::Adopted(pid),
+        };
+        guest.control = Some(Control::connect(&guest.dir.join("control.sock"), Duration::from_secs(10)).await?);
+        Ok(guest)
+    }
+
     /// QEMU's process id (also its process group id).
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+        match &self.process {
+            Process::Child(c) => c.id() as i32,
+            Process::Adopted(pid) => *pid,
+        }
     }
 
     /// A new QMP connection to the guest (QEMU serves one client at a time).
@@ -272,13 +305,32 @@ impl Guest {
 
     /// Sends SIGKILL to QEMU's process group and reaps it.
     pub fn kill(&mut self) {
-        let _ = killpg(Pid::from_raw(self.pid()), Signal::SIGKILL);
-        let _ = self.child.wait();
+        let pid = self.pid();
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        match &mut self.process {
+            Process::Child(c) => {
+                let _ = c.wait();
+            }
+            Process::Adopted(_) => {
+                // Not our child: wait until whoever reaps it has.
+                for _ in 0..250 {
+                    if !self.is_running() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
     }
 
     /// True while QEMU runs.
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        match &mut self.process {
+            Process::Child(c) => matches!(c.try_wait(), Ok(None)),
+            Process::Adopted(pid) => std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| !r.trim_start().starts_with('Z'))),
+        }
     }
 
     /// The guest console (ttyS0) so far.

@@ -184,6 +184,11 @@ impl Store {
         self.lock(self.root.join("lock"), "the store".into(), FlockArg::LockExclusive)
     }
 
+    /// Exclusive store lock without waiting: `Err` when another writer is active.
+    pub fn lock_exclusive_nonblocking(&self) -> Result<Lock, StoreError> {
+        self.lock(self.root.join("lock"), "the store".into(), FlockArg::LockExclusiveNonblock)
+    }
+
     /// Names of the VMs with checkpoints.
     pub fn names(&self) -> Result<Vec<String>, StoreError> {
         let dir = self.root.join("vms");

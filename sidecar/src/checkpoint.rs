@@ -1,0 +1,640 @@
+//! A point-in-time checkpoint of one running guest: memory, device state and every
+//! writable disk at one instant, with the guest paused only for the cut.
+//!
+//! The cut: `stop`; one `transaction` that starts a backup job per writable disk
+//! (incremental from the dirty bitmap of the checkpoint it builds on, full otherwise)
+//! and adds the bitmap the next checkpoint will build on; `migrate` with
+//! `background-snapshot` into a pipe (QEMU saves device state and write-protects RAM);
+//! `cont` as soon as RAM pages flow, which QEMU sends only once write tracking is on.
+//! RAM is then saved while the guest runs. Without `background-snapshot` (old QEMU, no
+//! userfaultfd write-protect, shared or hugepage memory) the whole migration runs while
+//! paused (stop-and-copy), and the report says so in `mode`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use qmp_client::{EventStream, Qmp, QmpError};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::attach::{self, AttachError, DiskInfo, VmIdentity};
+use crate::disk::{self, CHUNK, DiskError};
+use crate::memory;
+use crate::store::manifest::{Backing, Disk, FORMAT, Manifest, Stream, Timings, ZERO};
+use crate::store::{BlockError, Hash, Policy, Store, StoreError, hash_file};
+
+/// Stream bytes after which RAM pages certainly flow (the setup sections are a few KiB).
+const RAM_FLOWING: u64 = 64 << 10;
+/// Prefix of the dirty bitmaps cutline owns; the suffix is the checkpoint id.
+pub const BITMAP_PREFIX: &str = "cutline-";
+const FD_NAME: &str = "cutline-migration";
+
+/// Errors of a checkpoint. After any of them the guest runs (unless QEMU itself is
+/// gone) and every earlier checkpoint is intact.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// Attaching failed.
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    /// The store refused.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// QEMU refused or failed a step.
+    #[error("checkpoint step `{step}` failed")]
+    Qemu {
+        /// The step.
+        step: &'static str,
+        /// The cause.
+        #[source]
+        source: QmpError,
+    },
+    /// Saving memory failed (e.g. the store's disk is full).
+    #[error("saving memory and device state failed")]
+    Memory(#[source] BlockError),
+    /// Migration failed inside QEMU.
+    #[error("QEMU's migration failed: {0}")]
+    Migration(String),
+    /// A disk backup job failed.
+    #[error("backing up disk {node} failed: {why}")]
+    Backup {
+        /// The node.
+        node: String,
+        /// QEMU's error.
+        why: String,
+    },
+    /// Storing a disk failed.
+    #[error("storing disk {node} failed")]
+    Disk {
+        /// The node.
+        node: String,
+        /// The cause.
+        #[source]
+        source: DiskError,
+    },
+    /// The guest ran between the disk cut and the memory cut.
+    #[error("the cut was not atomic: {0}")]
+    NotAtomic(String),
+    /// QEMU exited during the checkpoint.
+    #[error("QEMU exited during the checkpoint ({0}); nothing was committed")]
+    QemuGone(String),
+}
+
+fn qemu(step: &'static str) -> impl FnOnce(QmpError) -> CheckpointError {
+    move |source| {
+        if source.is_disconnected() {
+            CheckpointError::QemuGone(source.to_string())
+        } else {
+            CheckpointError::Qemu { step, source }
+        }
+    }
+}
+
+/// How to take the checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Copy every disk in full even when an incremental copy is possible.
+    pub full: bool,
+    /// Use stop-and-copy even when `background-snapshot` works.
+    pub stop_and_copy: bool,
+}
+
+/// What a checkpoint reports (the CLI's JSON).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Checkpoint id.
+    pub id: u64,
+    /// VM name.
+    pub name: String,
+    /// `background-snapshot` or `stop-and-copy`.
+    pub mode: String,
+    /// Why stop-and-copy, when it is the fallback.
+    pub mode_reason: Option<String>,
+    /// Guest pause from QEMU's STOP/RESUME timestamps.
+    pub pause_ms: f64,
+    /// Whole checkpoint.
+    pub duration_ms: f64,
+    /// Guest RAM.
+    pub ram_bytes: u64,
+    /// Migration stream length.
+    pub memory_bytes: u64,
+    /// Bytes added to the store.
+    pub bytes_stored: u64,
+    /// Bytes added for memory.
+    pub memory_bytes_stored: u64,
+    /// Per disk.
+    pub disks: Vec<DiskReport>,
+}
+
+/// Per-disk part of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskReport {
+    /// Node name.
+    pub node: String,
+    /// Guest device.
+    pub device: String,
+    /// Full copy or incremental.
+    pub full: bool,
+    /// Why full, when it was.
+    pub full_reason: Option<String>,
+    /// Bytes QEMU copied.
+    pub bytes_copied: u64,
+    /// Bytes added to the store.
+    pub bytes_stored: u64,
+}
+
+impl Report {
+    /// The report of a committed manifest.
+    pub fn of(m: &Manifest) -> Report {
+        Report {
+            id: m.id,
+            name: m.name.clone(),
+            mode: m.mode.clone(),
+            mode_reason: m.mode_reason.clone(),
+            pause_ms: m.timings.pause_ms,
+            duration_ms: m.timings.duration_ms,
+            ram_bytes: m.ram_bytes,
+            memory_bytes: m.memory.bytes,
+            bytes_stored: m.bytes_stored,
+            memory_bytes_stored: m.memory.bytes_stored,
+            disks: m
+                .disks
+                .iter()
+                .map(|d| DiskReport {
+                    node: d.node.clone(),
+                    device: d.device.clone(),
+                    full: d.full,
+                    full_reason: d.full_reason.clone(),
+                    bytes_copied: d.bytes_copied,
+                    bytes_stored: d.bytes_stored,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A disk's plan: where its copy starts from.
+struct DiskPlan {
+    info: DiskInfo,
+    /// (bitmap, chunk map) of the checkpoint this copy builds on; `None` for a full copy.
+    base: Option<(String, BTreeMap<u64, Hash>)>,
+    full_reason: Option<String>,
+    target: PathBuf,
+    target_node: String,
+    job: String,
+    new_bitmap: String,
+    backing: Option<Backing>,
+}
+
+/// What to undo if the checkpoint fails.
+#[derive(Default)]
+struct Undo {
+    stopped: bool,
+    migrating: bool,
+    jobs: Vec<String>,
+    targets: Vec<(String, PathBuf)>,
+    bitmaps: Vec<(String, String)>,
+    created: Vec<Hash>,
+}
+
+impl Undo {
+    /// Puts the guest back as it was, best effort: every step runs even if one fails.
+    async fn run(self, qmp: &Qmp, store: &Store) {
+        if self.migrating {
+            let _ = qmp.execute_raw("migrate_cancel", json!({})).await;
+        }
+        for job in &self.jobs {
+            let _ = qmp.execute_raw("block-job-cancel", json!({"device": job, "force": true})).await;
+        }
+        if !self.jobs.is_empty() {
+            // Jobs finish cancelling asynchronously; targets can only go once they have.
+            for _ in 0..100 {
+                let running = qmp.execute_raw("query-block-jobs", json!({})).await.ok();
+                let busy = running
+                    .as_ref()
+                    .and_then(Value::as_array)
+                    .is_some_and(|js| js.iter().any(|j| self.jobs.iter().any(|id| j["device"] == id.as_str())));
+                if !busy {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        for (node, name) in &self.bitmaps {
+            let _ = qmp.execute_raw("block-dirty-bitmap-remove", json!({"node": node, "name": name})).await;
+        }
+        for (node, file) in &self.targets {
+            let _ = qmp.execute_raw("blockdev-del", json!({"node-name": node})).await;
+            let _ = std::fs::remove_file(file);
+        }
+        if self.stopped {
+            let _ = qmp.execute_raw("cont", json!({})).await;
+        }
+        remove_unreferenced(store, &self.created);
+    }
+}
+
+/// Deletes blocks an aborted checkpoint created, when no other writer is active and no
+/// manifest uses them; otherwise leaves them to gc.
+fn remove_unreferenced(store: &Store, created: &[Hash]) {
+    if created.is_empty() {
+        return;
+    }
+    let Ok(_excl) = store.lock_exclusive_nonblocking() else { return };
+    let mut used = std::collections::BTreeSet::new();
+    for n in store.names().unwrap_or_default() {
+        for id in store.ids(&n).unwrap_or_default() {
+            match store.manifest(&n, id) {
+                Ok(m) => used.extend(m.blocks().map(str::to_owned)),
+                Err(_) => return, // a damaged manifest may use them: keep everything
+            }
+        }
+    }
+    for h in created.iter().filter(|h| !used.contains(*h)) {
+        let _ = store.blocks().remove(h);
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Takes one checkpoint of the guest behind `qmp` into `store` under `name`.
+pub async fn checkpoint(
+    qmp: &Qmp,
+    store: &Store,
+    name: &str,
+    opts: &Options,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Manifest, CheckpointError> {
+    let started = Instant::now();
+    let _vm = store.lock_vm(name)?;
+    let shared = store.lock_shared()?;
+    let ident = attach::identify(qmp, std::path::Path::new(qmp.target())).await?;
+    let id = store.next_id(name)?;
+    progress(&format!("checkpoint {id} of {name}: {} MiB RAM, {} writable disk(s)", ident.ram_bytes >> 20, ident.disks.len()));
+
+    let mut undo = Undo::default();
+    let result = take(qmp, store, name, id, &ident, opts, started, &mut undo, progress).await;
+    match result {
+        Ok(mut manifest) => {
+            let t = Instant::now();
+            store.commit(&mut manifest)?;
+            manifest.timings.sync_ms = ms(t.elapsed());
+            drop(shared);
+            // Committed: the bitmaps of the checkpoints this one replaces are no longer
+            // needed; the new ones carry on.
+            for d in &ident.disks {
+                for b in d.bitmaps.iter().filter(|b| b.name.starts_with(BITMAP_PREFIX)) {
+                    let _ = qmp.execute_raw("block-dirty-bitmap-remove", json!({"node": d.node, "name": b.name})).await;
+                }
+            }
+            tracing::info!(vm = name, id, pause_ms = manifest.timings.pause_ms, "checkpoint committed");
+            Ok(manifest)
+        }
+        Err(e) => {
+            tracing::warn!(vm = name, id, error = %e, "checkpoint aborted");
+            drop(shared);
+            undo.run(qmp, store).await;
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn take(
+    qmp: &Qmp,
+    store: &Store,
+    name: &str,
+    id: u64,
+    ident: &VmIdentity,
+    opts: &Options,
+    started: Instant,
+    undo: &mut Undo,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Manifest, CheckpointError> {
+    let mut policy = Policy::new(store.estimates());
+    let plans = plan_disks(store, name, id, ident, opts)?;
+    for p in &plans {
+        disk::create_target(&p.target, p.info.virtual_size).map_err(|source| CheckpointError::Disk { node: p.info.node.clone(), source })?;
+        undo.targets.push((p.target_node.clone(), p.target.clone()));
+        qmp.execute_raw(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": p.target_node, "backing": null,
+                   "file": {"driver": "file", "filename": p.target}}),
+        )
+        .await
+        .map_err(qemu("add backup target"))?;
+    }
+
+    // Mode: background-snapshot when QEMU accepts it.
+    let mut mode_reason = None;
+    let mut caps = vec![json!({"capability": "events", "state": true})];
+    let background = if opts.stop_and_copy {
+        mode_reason = Some("stop-and-copy requested".to_owned());
+        caps.push(json!({"capability": "background-snapshot", "state": false}));
+        false
+    } else {
+        match qmp
+            .execute_raw("migrate-set-capabilities", json!({"capabilities": [{"capability": "background-snapshot", "state": true}]}))
+            .await
+        {
+            Ok(_) => true,
+            Err(e @ QmpError::Qemu { .. }) => {
+                mode_reason = Some(format!("background-snapshot unavailable: {e}"));
+                false
+            }
+            Err(e) => return Err(qemu("enable background-snapshot")(e)),
+        }
+    };
+    qmp.execute_raw("migrate-set-capabilities", json!({"capabilities": caps})).await.map_err(qemu("set migration capabilities"))?;
+
+    // The pipe QEMU writes the migration stream into.
+    let (read_end, write_end) = nix::unistd::pipe().map_err(|e| CheckpointError::Memory(BlockError::Write {
+        hash: "(pipe)".into(),
+        path: "pipe".into(),
+        source: e.into(),
+    }))?;
+    qmp.getfd(FD_NAME, std::os::fd::AsFd::as_fd(&write_end)).await.map_err(qemu("pass the migration pipe"))?;
+    drop(write_end);
+    let (count_tx, mut count_rx) = watch::channel(0u64);
+    let blocks = store.blocks().clone();
+    let mut saver_policy = policy.clone();
+    let saver = tokio::task::spawn_blocking(move || {
+        let r = memory::save_stream(read_end, &blocks, &mut saver_policy, count_tx);
+        (r, saver_policy)
+    });
+
+    // The cut.
+    let mut events = qmp.subscribe();
+    let was_running = ident.status == "running";
+    progress("cut: stopping the guest");
+    qmp.execute_raw("stop", json!({})).await.map_err(qemu("stop"))?;
+    undo.stopped = was_running;
+    let stop_ev = if was_running { Some(wait(&mut events, "STOP", |_| true).await?) } else { None };
+    let cut_at = Instant::now();
+    if !plans.is_empty() {
+        let mut actions = Vec::new();
+        for p in &plans {
+            let persistent = p.info.format == "qcow2";
+            actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
+                "node": p.info.node, "name": p.new_bitmap, "persistent": persistent, "granularity": CHUNK}}));
+            let mut backup = json!({"job-id": p.job, "device": p.info.node, "target": p.target_node, "auto-dismiss": true});
+            match &p.base {
+                Some((bitmap, _)) => {
+                    backup["sync"] = json!("bitmap");
+                    backup["bitmap"] = json!(bitmap);
+                    backup["bitmap-mode"] = json!("never");
+                }
+                None if p.info.backing.is_some() => backup["sync"] = json!("top"),
+                None => backup["sync"] = json!("full"),
+            }
+            actions.push(json!({"type": "blockdev-backup", "data": backup}));
+        }
+        qmp.execute_raw("transaction", json!({"actions": actions})).await.map_err(qemu("disk cut (transaction)"))?;
+        for p in &plans {
+            undo.bitmaps.push((p.info.node.clone(), p.new_bitmap.clone()));
+            undo.jobs.push(p.job.clone());
+        }
+    }
+    qmp.execute_raw("migrate", json!({"uri": format!("fd:{FD_NAME}")})).await.map_err(qemu("migrate"))?;
+    undo.migrating = true;
+    if background {
+        // RAM pages flow only after device state is saved and write tracking is on.
+        let flowing = async {
+            let _ = count_rx.wait_for(|n| *n >= RAM_FLOWING).await;
+        };
+        tokio::select! {
+            _ = flowing => {}
+            r = wait(&mut events, "MIGRATION", |e| matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled"))) => {
+                let e = r?;
+                if e.data["status"] != "completed" {
+                    return Err(CheckpointError::Migration(migration_error(qmp).await));
+                }
+            }
+        }
+    } else {
+        let e = wait(&mut events, "MIGRATION", |e| matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled"))).await?;
+        if e.data["status"] != "completed" {
+            return Err(CheckpointError::Migration(migration_error(qmp).await));
+        }
+    }
+    let mut pause_ms = ms(cut_at.elapsed());
+    if was_running {
+        qmp.execute_raw("cont", json!({})).await.map_err(qemu("cont"))?;
+        undo.stopped = false;
+        let resume = wait(&mut events, "RESUME", |_| true).await?;
+        if let Some(stop) = &stop_ev {
+            pause_ms = (resume.timestamp_us - stop.timestamp_us) as f64 / 1000.0;
+        }
+    }
+    progress(&format!("cut done: guest paused {pause_ms:.1} ms; saving memory while it runs"));
+
+    // Memory: the rest of the stream, while the guest runs.
+    let mem_started = Instant::now();
+    if background {
+        loop {
+            let e = wait(&mut events, "", |e| e.name == "MIGRATION" || e.name == "STOP").await?;
+            if e.name == "STOP" {
+                return Err(CheckpointError::NotAtomic("QEMU stopped the guest again after the cut".into()));
+            }
+            match e.data["status"].as_str() {
+                Some("completed") => break,
+                Some("failed" | "cancelled") => return Err(CheckpointError::Migration(migration_error(qmp).await)),
+                _ => {}
+            }
+        }
+    }
+    undo.migrating = false;
+    let (saved, saver_policy) = saver.await.map_err(|e| CheckpointError::Migration(format!("saver task: {e}")))?;
+    let saved = saved.map_err(CheckpointError::Memory)?;
+    policy = saver_policy;
+    undo.created.extend(saved.created.iter().cloned());
+    let memory_ms = ms(mem_started.elapsed());
+    progress(&format!("memory saved: {} MiB stream, {} KiB new", saved.stream.bytes >> 20, saved.stream.bytes_stored >> 10));
+
+    // Disks: wait for each job, then fold what it copied into the base map.
+    let disks_started = Instant::now();
+    let mut disks = Vec::new();
+    let mut pending: Vec<&DiskPlan> = plans.iter().collect();
+    let mut finished: BTreeMap<String, Option<String>> = BTreeMap::new();
+    // Jobs that ended before we subscribed show up as absent from query-block-jobs.
+    while !pending.is_empty() {
+        let jobs = qmp.execute_raw("query-block-jobs", json!({})).await.map_err(qemu("query-block-jobs"))?;
+        for p in &pending {
+            let running = jobs.as_array().is_some_and(|js| js.iter().any(|j| j["device"] == p.job.as_str()));
+            if !running && !finished.contains_key(&p.job) {
+                finished.insert(p.job.clone(), None);
+            }
+        }
+        pending.retain(|p| !finished.contains_key(&p.job));
+        if pending.is_empty() {
+            break;
+        }
+        let e = wait(&mut events, "", |e| matches!(e.name.as_str(), "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED")).await?;
+        let dev = e.data["device"].as_str().unwrap_or("").to_owned();
+        let err = if e.name == "BLOCK_JOB_CANCELLED" {
+            Some("cancelled".to_owned())
+        } else {
+            e.data["error"].as_str().map(str::to_owned)
+        };
+        finished.insert(dev, err);
+    }
+    for p in &plans {
+        if let Some(Some(why)) = finished.get(&p.job) {
+            return Err(CheckpointError::Backup { node: p.info.node.clone(), why: why.clone() });
+        }
+    }
+    undo.jobs.clear();
+    for p in &plans {
+        qmp.execute_raw("blockdev-del", json!({"node-name": p.target_node})).await.map_err(qemu("remove backup target"))?;
+        let base = p.base.as_ref().map(|(_, m)| m.clone()).unwrap_or_default();
+        let node = p.info.node.clone();
+        let target = p.target.clone();
+        let size = p.info.virtual_size;
+        let blocks = store.blocks().clone();
+        let mut pol = policy.clone();
+        let folded = tokio::task::spawn_blocking(move || {
+            let r = disk::fold(&node, &target, &base, size, &blocks, &mut pol);
+            (r, pol)
+        })
+        .await
+        .map_err(|e| CheckpointError::Migration(format!("disk task: {e}")))?;
+        policy = folded.1;
+        let (map, stored, copied, created) = folded.0.map_err(|source| CheckpointError::Disk { node: p.info.node.clone(), source })?;
+        undo.created.extend(created);
+        let _ = std::fs::remove_file(&p.target);
+        progress(&format!("disk {}: {} KiB copied, {} KiB new", p.info.node, copied >> 10, stored >> 10));
+        disks.push(Disk {
+            node: p.info.node.clone(),
+            device: p.info.device.clone(),
+            filename: p.info.filename.clone(),
+            format: p.info.format.clone(),
+            virtual_size: p.info.virtual_size,
+            cluster_size: p.info.cluster_size,
+            chunk_size: CHUNK,
+            backing: p.backing.clone(),
+            chunks: map.into_iter().collect(),
+            full: p.base.is_none(),
+            full_reason: p.full_reason.clone(),
+            bytes_stored: stored,
+            bytes_copied: copied,
+        });
+    }
+    undo.targets.clear();
+    let disks_ms = ms(disks_started.elapsed());
+    store.save_estimates(&policy.estimates());
+
+    let bytes_stored = saved.stream.bytes_stored + disks.iter().map(|d| d.bytes_stored).sum::<u64>();
+    let parent = plans.iter().find_map(|p| p.base.as_ref()).and_then(|(b, _)| b.strip_prefix(BITMAP_PREFIX)?.parse().ok());
+    // From the commit on, the new bitmaps belong to the checkpoint: no undo removes them.
+    undo.bitmaps.clear();
+    Ok(Manifest {
+        format: FORMAT,
+        id,
+        name: name.to_owned(),
+        parent,
+        created_unix_ms: now_ms(),
+        mode: if background { "background-snapshot" } else { "stop-and-copy" }.to_owned(),
+        mode_reason,
+        qemu_version: ident.qemu_version.clone(),
+        qemu_package: ident.qemu_package.clone(),
+        machine: ident.machine.clone(),
+        ram_bytes: ident.ram_bytes,
+        argv: ident.argv.clone(),
+        cwd: ident.cwd.as_ref().map(|c| c.display().to_string()),
+        qmp: ident.qmp_path.display().to_string(),
+        pidfile: ident.pidfile.clone(),
+        memory: Stream { ..saved.stream },
+        disks,
+        timings: Timings { pause_ms, duration_ms: ms(started.elapsed()), memory_ms, disks_ms, sync_ms: 0.0 },
+        bytes_stored,
+        checksum: String::new(),
+    })
+}
+
+/// Decides per disk whether the copy can be incremental, and names its work files.
+fn plan_disks(store: &Store, name: &str, id: u64, ident: &VmIdentity, opts: &Options) -> Result<Vec<DiskPlan>, CheckpointError> {
+    let mut plans = Vec::new();
+    for d in &ident.disks {
+        let mut full_reason = None;
+        let mut base = None;
+        // The newest of our bitmaps on the node names the checkpoint the copy builds on.
+        let ours: Vec<_> = d
+            .bitmaps
+            .iter()
+            .filter_map(|b| Some((b.name.strip_prefix(BITMAP_PREFIX)?.parse::<u64>().ok()?, b)))
+            .collect();
+        match ours.iter().max_by_key(|(k, _)| *k) {
+            _ if opts.full => full_reason = Some("full copy requested".to_owned()),
+            None => full_reason = Some("first checkpoint of this disk (no cutline bitmap)".to_owned()),
+            Some((_, b)) if b.inconsistent => {
+                full_reason = Some(format!("bitmap {} is inconsistent (QEMU exited uncleanly)", b.name));
+            }
+            Some((k, b)) => match store.manifest(name, *k) {
+                Ok(m) => match m.disks.iter().find(|x| x.node == d.node && x.virtual_size == d.virtual_size) {
+                    Some(prev) => base = Some((b.name.clone(), prev.chunks.iter().cloned().collect())),
+                    None => full_reason = Some(format!("checkpoint {k} has no disk {} of this size", d.node)),
+                },
+                Err(_) => full_reason = Some(format!("checkpoint {k} of bitmap {} is not in the store", b.name)),
+            },
+        }
+        let backing = match &d.backing {
+            Some((file, format)) => {
+                let path = std::path::Path::new(file);
+                let sha256 = hash_file(path).map_err(|source| StoreError::Io {
+                    what: "cannot hash backing image",
+                    path: path.to_owned(),
+                    source,
+                })?;
+                let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+                Some(Backing { filename: file.clone(), format: format.clone(), sha256, size })
+            }
+            None => None,
+        };
+        let safe = d.node.replace(|c: char| !c.is_ascii_alphanumeric(), "_");
+        plans.push(DiskPlan {
+            info: d.clone(),
+            base,
+            full_reason,
+            target: store.tmp().join(format!("{name}-{id}-{safe}.qcow2")),
+            target_node: format!("cutline-target-{safe}"),
+            job: format!("cutline-backup-{safe}"),
+            new_bitmap: format!("{BITMAP_PREFIX}{id}"),
+            backing,
+        });
+    }
+    let _ = ZERO;
+    Ok(plans)
+}
+
+/// Waits for an event named `name` (any name if empty) satisfying `pred`.
+async fn wait(events: &mut EventStream, name: &str, mut pred: impl FnMut(&qmp_client::Event) -> bool) -> Result<qmp_client::Event, CheckpointError> {
+    let timeout = Duration::from_secs(600);
+    let res = if name.is_empty() {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, events.next()).await {
+                Ok(Some(e)) if pred(&e) => break Ok(e),
+                Ok(Some(_)) => continue,
+                Ok(None) => break Err(QmpError::Disconnected { what: "event".into(), reason: qmp_client::CloseReason::Eof }),
+                Err(_) => break Err(QmpError::Timeout { what: "event".into(), after: timeout }),
+            }
+        }
+    } else {
+        events.wait_for(name, pred, timeout).await
+    };
+    res.map_err(qemu("wait for QEMU"))
+}
+
+async fn migration_error(qmp: &Qmp) -> String {
+    match qmp.execute_raw("query-migrate", json!({})).await {
+        Ok(v) => v["error-desc"].as_str().unwrap_or("no error description").to_owned(),
+        Err(e) => e.to_string(),
+    }
+}

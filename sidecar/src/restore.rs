@@ -1,0 +1,379 @@
+//! Restoring a checkpoint: a new QEMU from the recorded argv, fed the saved state.
+//!
+//! Every block is verified before the running guest is touched; the disks are rebuilt
+//! next to the originals and swapped in by rename once the old QEMU is gone; the new
+//! QEMU starts with `-incoming defer -S`, gets the stream through a pipe (each block's
+//! sha256 checked again on the way), gets fresh dirty bitmaps so the next checkpoint can
+//! be incremental, and is resumed unless asked to stay paused. It outlives the sidecar.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use qmp_client::{Qmp, QmpError};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::checkpoint::BITMAP_PREFIX;
+use crate::disk::{self, CHUNK, DiskError};
+use crate::memory;
+use crate::store::{BlockError, Manifest, Store, StoreError, hash_file};
+
+const FD_NAME: &str = "cutline-incoming";
+
+/// Errors of a restore. Before `Relaunch` nothing was changed; the store is never changed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The store refused.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A block of the checkpoint is damaged or missing: nothing was touched.
+    #[error("checkpoint {id} of {name} is damaged, refusing to restore")]
+    Damaged {
+        /// VM name.
+        name: String,
+        /// Checkpoint id.
+        id: u64,
+        /// The first damaged block.
+        #[source]
+        source: BlockError,
+    },
+    /// The backing image changed since the checkpoint.
+    #[error("backing image {file} changed since the checkpoint (sha256 {actual}, recorded {recorded})")]
+    BackingChanged {
+        /// The file.
+        file: String,
+        /// Its hash now.
+        actual: String,
+        /// The recorded hash.
+        recorded: String,
+    },
+    /// Rebuilding a disk failed.
+    #[error("cannot rebuild disk {node}")]
+    Disk {
+        /// The node.
+        node: String,
+        /// The cause.
+        #[source]
+        source: DiskError,
+    },
+    /// The running guest could not be stopped.
+    #[error("cannot stop the running guest (pid {pid})")]
+    Stop {
+        /// Its pid.
+        pid: i32,
+    },
+    /// QEMU could not be relaunched.
+    #[error("cannot relaunch QEMU: {0}")]
+    Relaunch(String),
+    /// A QMP step on the relaunched QEMU failed.
+    #[error("restore step `{step}` failed")]
+    Qemu {
+        /// The step.
+        step: &'static str,
+        /// The cause.
+        #[source]
+        source: QmpError,
+    },
+    /// The incoming migration failed.
+    #[error("loading the saved state failed: {0}")]
+    Incoming(String),
+}
+
+fn qemu(step: &'static str) -> impl FnOnce(QmpError) -> RestoreError {
+    move |source| RestoreError::Qemu { step, source }
+}
+
+/// What a restore reports (the CLI's JSON).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Checkpoint id.
+    pub id: u64,
+    /// VM name.
+    pub name: String,
+    /// Whole restore.
+    pub duration_ms: f64,
+    /// From the old QEMU's end to the new one's resume (or readiness when paused).
+    pub downtime_ms: f64,
+    /// pid of the new QEMU.
+    pub pid: i32,
+    /// Left paused.
+    pub paused: bool,
+    /// The QMP socket of the new QEMU.
+    pub qmp: String,
+}
+
+/// The argv to relaunch with: the recorded one without `-incoming`/`-S`, plus
+/// `-incoming defer -S`.
+pub fn relaunch_argv(argv: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(argv.len() + 3);
+    let mut it = argv.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-incoming" | "--incoming" => {
+                it.next();
+            }
+            "-S" => {}
+            _ => out.push(a.clone()),
+        }
+    }
+    out.extend(["-incoming".to_owned(), "defer".to_owned(), "-S".to_owned()]);
+    out
+}
+
+/// Restores checkpoint `id` (newest when `None`) of `name`; leaves the guest paused if `paused`.
+pub async fn restore(
+    store: &Store,
+    name: &str,
+    id: Option<u64>,
+    paused: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Report, RestoreError> {
+    let started = Instant::now();
+    let _vm = store.lock_vm(name)?;
+    let id = match id {
+        Some(id) => id,
+        None => *store.ids(name)?.last().ok_or_else(|| StoreError::NoCheckpoint {
+            name: name.to_owned(),
+            id: "any".into(),
+            store: store.root().to_owned(),
+        })?,
+    };
+    let m = store.manifest(name, id)?;
+    progress(&format!("verifying checkpoint {id} of {name}"));
+    let blocks = store.blocks().clone();
+    let hashes: Vec<String> = m.blocks().map(str::to_owned).collect();
+    let check = tokio::task::spawn_blocking(move || {
+        let mut seen = std::collections::BTreeSet::new();
+        for h in hashes {
+            if seen.insert(h.clone()) {
+                blocks.get(&h)?;
+            }
+        }
+        Ok::<_, BlockError>(())
+    })
+    .await
+    .map_err(|e| RestoreError::Relaunch(format!("verify task: {e}")))?;
+    check.map_err(|source| RestoreError::Damaged { name: name.to_owned(), id, source })?;
+    for d in &m.disks {
+        if let Some(b) = &d.backing {
+            let actual = hash_file(Path::new(&b.filename)).map_err(|source| StoreError::Io {
+                what: "cannot read backing image",
+                path: b.filename.clone().into(),
+                source,
+            })?;
+            if actual != b.sha256 {
+                return Err(RestoreError::BackingChanged { file: b.filename.clone(), actual, recorded: b.sha256.clone() });
+            }
+        }
+    }
+
+    // Rebuild disks beside the originals while the old guest still runs.
+    let mut staged = Vec::new();
+    for d in &m.disks {
+        progress(&format!("rebuilding disk {} ({} chunks)", d.node, d.chunks.len()));
+        let original = resolve(&m, &d.filename);
+        let tmp = original.with_file_name(format!(
+            ".{}.cutline-restore",
+            original.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+        ));
+        let staging = store.tmp().join(format!("restore-{name}-{id}-{}", d.node.replace(|c: char| !c.is_ascii_alphanumeric(), "_")));
+        let (disk, blocks, t) = (d.clone(), store.blocks().clone(), tmp.clone());
+        let r = tokio::task::spawn_blocking(move || disk::write_image(&disk, &blocks, &t, &staging))
+            .await
+            .map_err(|e| RestoreError::Relaunch(format!("disk task: {e}")))?;
+        if let Err(source) = r {
+            let _ = std::fs::remove_file(&tmp);
+            for (t, _) in &staged {
+                let _ = std::fs::remove_file(t);
+            }
+            return Err(RestoreError::Disk { node: d.node.clone(), source });
+        }
+        staged.push((tmp, original));
+    }
+
+    // From here the old guest goes away.
+    let qmp_path = resolve(&m, &m.qmp);
+    let down_at = Instant::now();
+    stop_running(&qmp_path, m.pidfile.as_deref().map(|p| resolve(&m, p))).await?;
+    for (tmp, original) in &staged {
+        std::fs::rename(tmp, original).map_err(|e| RestoreError::Relaunch(format!("cannot put {} in place: {e}", original.display())))?;
+        if let Some(dir) = original.parent() {
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
+    }
+    progress("relaunching QEMU");
+    let log = store.root().join("vms").join(name).join("qemu.log");
+    let pid = launch(&m, &log)?;
+    let qmp = connect_new(&qmp_path, pid, &log).await?;
+    let pid = qmp.peer_pid().unwrap_or(pid);
+
+    qmp.execute_raw("migrate-set-capabilities", json!({"capabilities": [{"capability": "events", "state": true}]}))
+        .await
+        .map_err(qemu("enable migration events"))?;
+    let (read_end, write_end) = nix::unistd::pipe().map_err(|e| RestoreError::Relaunch(format!("pipe: {e}")))?;
+    qmp.getfd(FD_NAME, std::os::fd::AsFd::as_fd(&read_end)).await.map_err(qemu("pass the state pipe"))?;
+    drop(read_end);
+    let mut events = qmp.subscribe();
+    qmp.execute_raw("migrate-incoming", json!({"uri": format!("fd:{FD_NAME}")})).await.map_err(qemu("migrate-incoming"))?;
+    progress(&format!("loading {} MiB of saved state", m.memory.bytes >> 20));
+    let (blocks, stream) = (store.blocks().clone(), m.memory.clone());
+    let feeder = tokio::task::spawn_blocking(move || memory::feed_stream(write_end, &blocks, &stream));
+    let done = events
+        .wait_for("MIGRATION", |e| matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled")), Duration::from_secs(600))
+        .await
+        .map_err(qemu("wait for the incoming migration"))?;
+    let fed = feeder.await.map_err(|e| RestoreError::Incoming(format!("feeder task: {e}")))?;
+    if done.data["status"] != "completed" {
+        let why = qmp
+            .execute_raw("query-migrate", json!({}))
+            .await
+            .ok()
+            .and_then(|v| v["error-desc"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "no error description".into());
+        return Err(RestoreError::Incoming(why));
+    }
+    fed.map_err(|source| RestoreError::Damaged { name: name.to_owned(), id, source })?;
+
+    // Fresh bitmaps at the restored instant: the next checkpoint is incremental from here.
+    for d in &m.disks {
+        let bitmap = format!("{BITMAP_PREFIX}{id}");
+        let _ = qmp.execute_raw("block-dirty-bitmap-remove", json!({"node": d.node, "name": bitmap})).await;
+        qmp.execute_raw(
+            "block-dirty-bitmap-add",
+            json!({"node": d.node, "name": bitmap, "persistent": d.format == "qcow2", "granularity": CHUNK}),
+        )
+        .await
+        .map_err(qemu("add dirty bitmap"))?;
+    }
+    if !paused {
+        qmp.execute_raw("cont", json!({})).await.map_err(qemu("cont"))?;
+    }
+    let downtime_ms = down_at.elapsed().as_secs_f64() * 1000.0;
+    tracing::info!(vm = name, id, pid, "restored");
+    Ok(Report {
+        id,
+        name: name.to_owned(),
+        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        downtime_ms,
+        pid,
+        paused,
+        qmp: qmp_path.display().to_string(),
+    })
+}
+
+fn resolve(m: &Manifest, p: &str) -> PathBuf {
+    match &m.cwd {
+        Some(cwd) if Path::new(p).is_relative() => Path::new(cwd).join(p),
+        _ => PathBuf::from(p),
+    }
+}
+
+/// Stops the guest that runs on `qmp_path` now, if any: `quit`, then SIGKILL after 10 s.
+async fn stop_running(qmp_path: &Path, pidfile: Option<PathBuf>) -> Result<(), RestoreError> {
+    let pid = match Qmp::connect(qmp_path).await {
+        Ok(qmp) => {
+            let pid = qmp.peer_pid();
+            let _ = qmp.execute_raw("quit", json!({})).await;
+            pid
+        }
+        Err(_) => pidfile.and_then(|p| std::fs::read_to_string(p).ok()).and_then(|s| s.trim().parse().ok()),
+    };
+    let Some(pid) = pid else { return Ok(()) };
+    let target = nix::unistd::Pid::from_raw(pid);
+    let alive = || nix::sys::signal::kill(target, None).is_ok() && !is_zombie(pid);
+    for i in 0..500 {
+        if !alive() {
+            return Ok(());
+        }
+        if i == 499 {
+            let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..100 {
+        if !alive() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(RestoreError::Stop { pid })
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit(')').next().map(|r| r.trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}
+
+/// Starts QEMU detached from the sidecar (own session, output to `log`); returns its pid.
+fn launch(m: &Manifest, log: &Path) -> Result<i32, RestoreError> {
+    let argv = relaunch_argv(&m.argv);
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| RestoreError::Relaunch(format!("cannot open {}: {e}", log.display())))?;
+    let err = out.try_clone().map_err(|e| RestoreError::Relaunch(e.to_string()))?;
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(out).stderr(err);
+    if let Some(cwd) = &m.cwd {
+        cmd.current_dir(cwd);
+    }
+    // SAFETY: setsid is async-signal-safe; the new QEMU leaves our session and process
+    // group so that it outlives the sidecar and its terminal.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+    }
+    let mut child = cmd.spawn().map_err(|e| RestoreError::Relaunch(format!("cannot run {}: {e}", argv[0])))?;
+    let pid = child.id() as i32;
+    if m.argv.iter().any(|a| a == "-daemonize" || a == "--daemonize") {
+        // The parent exits once the daemon is up; the daemon's pid is in the pidfile.
+        let _ = child.wait();
+        let pidfile = m.pidfile.as_deref().map(|p| resolve(m, p));
+        if let Some(pid) = pidfile.and_then(|p| std::fs::read_to_string(p).ok()).and_then(|s| s.trim().parse().ok()) {
+            return Ok(pid);
+        }
+    } else {
+        // Reap it if it exits while we run; it is not ours to kill.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+    }
+    Ok(pid)
+}
+
+/// Connects to the relaunched QEMU's QMP socket, or reports why QEMU did not come up.
+async fn connect_new(qmp_path: &Path, pid: i32, log: &Path) -> Result<Qmp, RestoreError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(q) = Qmp::connect(qmp_path).await {
+            return Ok(q);
+        }
+        let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() || is_zombie(pid);
+        if gone || Instant::now() > deadline {
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+            return Err(RestoreError::Relaunch(format!(
+                "QEMU did not open {} ({}): {}",
+                qmp_path.display(),
+                if gone { "it exited" } else { "timed out" },
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relaunch_argv_replaces_incoming_and_pauses() {
+        let argv: Vec<String> = ["qemu", "-m", "128", "-incoming", "tcp:0:4444", "-S", "-name", "x"].map(String::from).into();
+        assert_eq!(relaunch_argv(&argv), ["qemu", "-m", "128", "-name", "x", "-incoming", "defer", "-S"]);
+    }
+}
