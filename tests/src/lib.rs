@@ -8,6 +8,8 @@ pub mod accel;
 pub mod control;
 pub mod guest;
 pub mod image;
+pub mod netns;
+pub mod stream;
 pub mod switch;
 
 use std::future::Future;
