@@ -371,12 +371,12 @@ async fn take(
     });
 
     // The cut.
-    let mut events = qmp.subscribe();
+    let mut events = Events { stream: qmp.subscribe(), seen: Vec::new() };
     let was_running = ident.status == "running";
     progress("cut: stopping the guest");
+    // `stop` returns once the vCPUs are stopped; its STOP event is read later, for its timestamp.
     qmp.execute_raw("stop", json!({})).await.map_err(qemu("stop"))?;
     undo.stopped = was_running;
-    let stop_ev = if was_running { Some(wait(&mut events, "STOP", |_| true).await?) } else { None };
     let cut_at = Instant::now();
     if !plans.is_empty() {
         let mut actions = Vec::new();
@@ -397,6 +397,7 @@ async fn take(
             actions.push(json!({"type": "blockdev-backup", "data": backup}));
         }
         qmp.execute_raw("transaction", json!({"actions": actions})).await.map_err(qemu("disk cut (transaction)"))?;
+        tracing::debug!(after_ms = ms(cut_at.elapsed()), "disk cut done");
         for p in &plans {
             undo.bitmaps.push((p.info.node.clone(), p.new_bitmap.clone()));
             undo.jobs.push(p.job.clone());
@@ -404,6 +405,7 @@ async fn take(
     }
     qmp.execute_raw("migrate", json!({"uri": format!("fd:{FD_NAME}")})).await.map_err(qemu("migrate"))?;
     undo.migrating = true;
+    tracing::debug!(after_ms = ms(cut_at.elapsed()), "migrate started");
     if background {
         // RAM pages flow only after device state is saved and write tracking is on.
         let flowing = async {
@@ -411,7 +413,7 @@ async fn take(
         };
         tokio::select! {
             _ = flowing => {}
-            r = wait(&mut events, "MIGRATION", |e| matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled"))) => {
+            r = events.wait("MIGRATION", |e| matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled"))) => {
                 let e = r?;
                 if e.data["status"] != "completed" {
                     return Err(CheckpointError::Migration(migration_error(qmp).await));
@@ -419,19 +421,19 @@ async fn take(
             }
         }
     } else {
-        let e = wait(&mut events, "MIGRATION", |e| matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled"))).await?;
+        let e = events.wait("MIGRATION", |e| matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled"))).await?;
         if e.data["status"] != "completed" {
             return Err(CheckpointError::Migration(migration_error(qmp).await));
         }
     }
     let mut pause_ms = ms(cut_at.elapsed());
+    tracing::debug!(after_ms = pause_ms, stream_bytes = *count_rx.borrow(), "memory cut done");
     if was_running {
         qmp.execute_raw("cont", json!({})).await.map_err(qemu("cont"))?;
         undo.stopped = false;
-        let resume = wait(&mut events, "RESUME", |_| true).await?;
-        if let Some(stop) = &stop_ev {
-            pause_ms = (resume.timestamp_us - stop.timestamp_us) as f64 / 1000.0;
-        }
+        let stop = events.wait("STOP", |_| true).await?;
+        let resume = events.wait("RESUME", |_| true).await?;
+        pause_ms = (resume.timestamp_us - stop.timestamp_us) as f64 / 1000.0;
     }
     progress(&format!("cut done: guest paused {pause_ms:.1} ms; saving memory while it runs"));
 
@@ -439,7 +441,7 @@ async fn take(
     let mem_started = Instant::now();
     if background {
         loop {
-            let e = wait(&mut events, "", |e| e.name == "MIGRATION" || e.name == "STOP").await?;
+            let e = events.wait("", |e| e.name == "MIGRATION" || e.name == "STOP").await?;
             if e.name == "STOP" {
                 return Err(CheckpointError::NotAtomic("QEMU stopped the guest again after the cut".into()));
             }
@@ -476,7 +478,7 @@ async fn take(
         if pending.is_empty() {
             break;
         }
-        let e = wait(&mut events, "", |e| matches!(e.name.as_str(), "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED")).await?;
+        let e = events.wait("", |e| matches!(e.name.as_str(), "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED")).await?;
         let dev = e.data["device"].as_str().unwrap_or("").to_owned();
         let err = if e.name == "BLOCK_JOB_CANCELLED" {
             Some("cancelled".to_owned())
@@ -613,23 +615,33 @@ fn plan_disks(store: &Store, name: &str, id: u64, ident: &VmIdentity, opts: &Opt
     Ok(plans)
 }
 
-/// Waits for an event named `name` (any name if empty) satisfying `pred`.
-async fn wait(events: &mut EventStream, name: &str, mut pred: impl FnMut(&qmp_client::Event) -> bool) -> Result<qmp_client::Event, CheckpointError> {
-    let timeout = Duration::from_secs(600);
-    let res = if name.is_empty() {
+/// QMP events with a backlog: a wait takes the first matching event, seen before or
+/// arriving now, and keeps the others for later waits. Cancel-safe (usable in `select!`).
+struct Events {
+    stream: EventStream,
+    seen: Vec<qmp_client::Event>,
+}
+
+impl Events {
+    /// Waits for an event named `name` (any name if empty) satisfying `pred`.
+    async fn wait(&mut self, name: &str, mut pred: impl FnMut(&qmp_client::Event) -> bool) -> Result<qmp_client::Event, CheckpointError> {
+        let mut matches = |e: &qmp_client::Event| (name.is_empty() || e.name == name) && pred(e);
+        if let Some(i) = self.seen.iter().position(&mut matches) {
+            return Ok(self.seen.remove(i));
+        }
+        let timeout = Duration::from_secs(600);
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            match tokio::time::timeout_at(deadline, events.next()).await {
-                Ok(Some(e)) if pred(&e) => break Ok(e),
-                Ok(Some(_)) => continue,
-                Ok(None) => break Err(QmpError::Disconnected { what: "event".into(), reason: qmp_client::CloseReason::Eof }),
-                Err(_) => break Err(QmpError::Timeout { what: "event".into(), after: timeout }),
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Ok(Some(e)) if matches(&e) => return Ok(e),
+                Ok(Some(e)) => self.seen.push(e),
+                Ok(None) => {
+                    return Err(CheckpointError::QemuGone(format!("QMP closed while waiting for {}", if name.is_empty() { "an event" } else { name })));
+                }
+                Err(_) => return Err(qemu("wait for QEMU")(QmpError::Timeout { what: name.to_owned(), after: timeout })),
             }
         }
-    } else {
-        events.wait_for(name, pred, timeout).await
-    };
-    res.map_err(qemu("wait for QEMU"))
+    }
 }
 
 async fn migration_error(qmp: &Qmp) -> String {
