@@ -61,6 +61,10 @@ fn stream_seq(f: &[u8]) -> Option<u64> {
 impl Relay {
     fn start() -> anyhow::Result<Relay> {
         let socks = [UdpSocket::bind("127.0.0.1:0")?, UdpSocket::bind("127.0.0.1:0")?];
+        for s in &socks {
+            // A released hold arrives as one burst: do not let the relay's socket drop its tail.
+            nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::RcvBufForce, &(8 << 20))?;
+        }
         let guests: [SocketAddr; 2] =
             [UdpSocket::bind("127.0.0.1:0")?.local_addr()?, UdpSocket::bind("127.0.0.1:0")?.local_addr()?];
         let netdevs = [0, 1].map(|i| {

@@ -70,19 +70,16 @@ impl StreamCounters {
     }
 }
 
-/// `-netdev` arguments (id `n0`) that link two guests directly over loopback UDP, each
-/// sending to the other's socket: no switch in between whose socket could overflow when a
-/// release lets a burst go.
-pub fn direct_link() -> std::io::Result<[String; 2]> {
-    let a = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
-    let b = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
-    let arg = |local: u16, remote: u16| {
-        format!(
-            "dgram,id=n0,local.type=inet,local.host=127.0.0.1,local.port={local},\
-             remote.type=inet,remote.host=127.0.0.1,remote.port={remote}"
-        )
-    };
-    Ok([arg(a, b), arg(b, a)])
+/// `-netdev` arguments (id `n0`) that link two guests directly by a unix stream socket at
+/// `path`: guest 0 listens, guest 1 connects (and retries until guest 0 is up). A stream
+/// has back-pressure, so the link itself never drops a frame, even when a release lets a
+/// burst go faster than the receiving guest takes it: any loss would be the gate's.
+pub fn direct_link(path: &std::path::Path) -> [String; 2] {
+    let p = path.display();
+    [
+        format!("stream,id=n0,server=on,addr.type=unix,addr.path={p}"),
+        format!("stream,id=n0,server=off,addr.type=unix,addr.path={p},reconnect-ms=100"),
+    ]
 }
 
 /// QEMU arguments that give the guest's virtio-net the largest receive ring (1024), so

@@ -1,5 +1,5 @@
 //! The output gate's QEMU filter-buffer backend against real guests: two guests stream
-//! UDP and TCP to each other on the loopback switch and one of them is held.
+//! UDP and TCP to each other over a direct, lossless stream link and one of them is held.
 
 use std::time::Duration;
 
@@ -11,9 +11,9 @@ use serde_json::{Value, json};
 
 const BOOT: Duration = Duration::from_secs(60);
 
-/// Two streaming guests linked directly: 0 sends to 1 and 1 to 0.
+/// Two streaming guests linked directly by a stream socket: 0 sends to 1 and 1 to 0.
 async fn streaming_pair(env: &TestEnv, rate: u32) -> anyhow::Result<Vec<Guest>> {
-    let link = stream::direct_link()?;
+    let link = stream::direct_link(&env.dir().join("link.sock"));
     let mut guests = Vec::new();
     for (i, netdev) in link.into_iter().enumerate() {
         let mut spec = GuestSpec::new(&format!("vm{i}"), &["stream"]).setting("srate", rate).setting("tbps", 16 * 1024);
@@ -45,7 +45,7 @@ async fn gate_objects(qmp: &qmp_client::Qmp) -> anyhow::Result<Vec<String>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_guest_reaches_nobody_then_everything_arrives_in_order() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
-    let guests = streaming_pair(&env, 100).await?;
+    let guests = streaming_pair(&env, 200).await?;
     let gate = Gate::attach_qemu("vm0", guests[0].qmp().await?, &config(&env), Bounds::default()).await?;
     assert_eq!(gate.state(), GateState::Open);
     assert!(gate.release().await?.is_none(), "releasing an open gate is harmless");
@@ -141,10 +141,10 @@ async fn a_restarted_process_finds_the_held_filters_again_and_detach_removes_the
     assert_eq!(got.udp_missing, base.udp_missing, "{got:?}");
     assert_eq!((got.udp_ooo, got.udp_dup, got.tcp_resets), (0, 0, 0));
 
-    // Attach is idempotent: a second gate on the same guest finds the same filters.
-    let again = Gate::attach_qemu("vm0", qmp.clone(), &config(&env), Bounds::default()).await?;
-    assert_eq!(again.state(), GateState::Open);
-    drop(again);
+    // One process drives a guest's gate: a second live gate is refused and changes nothing.
+    let err = Gate::attach_qemu("vm0", qmp.clone(), &config(&env), Bounds::default()).await.expect_err("busy");
+    assert!(matches!(err, GateError::FilterBuffer(FilterBufferError::Busy { .. })), "{err:?}");
+    assert_eq!(gate.state(), GateState::Open);
     let objects = gate_objects(&qmp).await?;
     assert_eq!(objects.len(), 3, "one buffer, one mirror, one chardev: {objects:?}");
     gate.detach().await?;

@@ -28,6 +28,10 @@ pub const PATTERN: u64 = 251;
 const CHUNK: usize = 1024;
 /// Delay between TCP connection attempts.
 const RETRY: Duration = Duration::from_millis(200);
+/// Receive buffer asked for the UDP socket: a released hold arrives as one burst, faster
+/// than the receiver thread runs, and the kernel's default (about 200 KiB, some 90 small
+/// datagrams at the guest's buffer sizes) would drop the tail of it.
+const UDP_RCVBUF: libc::c_int = 16 << 20;
 /// Gaps larger than this are counted, not remembered one by one.
 const MAX_REMEMBERED_GAP: u64 = 100_000;
 
@@ -129,6 +133,27 @@ pub fn datagram_seq(payload: &[u8]) -> Option<u64> {
     (payload.len() == DATAGRAM).then(|| u64::from_be_bytes(payload[..8].try_into().unwrap_or([0; 8])))
 }
 
+/// Raises the socket's receive buffer to [`UDP_RCVBUF`] (past `rmem_max`: the workload
+/// runs as root) and returns the size the kernel granted, 0 if unknown.
+fn grow_receive_buffer(sock: &UdpSocket) -> i64 {
+    use std::os::fd::AsRawFd;
+    let fd = sock.as_raw_fd();
+    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    let want: libc::c_int = UDP_RCVBUF;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: fd is an open socket; the value is a c_int of the given length.
+        let r = unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&raw const want).cast(), len) };
+        if r == 0 {
+            break;
+        }
+    }
+    let mut got: libc::c_int = 0;
+    let mut got_len = len;
+    // SAFETY: as above; `got` and `got_len` are valid for writes.
+    let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, (&raw mut got).cast(), &mut got_len) };
+    if r == 0 { i64::from(got) } else { 0 }
+}
+
 /// A running stream.
 pub struct Stream {
     cfg: StreamConfig,
@@ -178,6 +203,7 @@ impl Stream {
                 Event::new("fatal").with("what", "stream udp bind failed").with("error", e.to_string()),
             ),
         };
+        let rcvbuf = grow_receive_buffer(&sock);
         let (a, u) = (Arc::clone(&s), Arc::clone(&sock));
         crate::spawn(st, "stream-udp-recv", move || a.udp_receive(&u));
         let a = Arc::clone(&s);
@@ -197,7 +223,8 @@ impl Stream {
                 .with("mode", "stream")
                 .with("to", (s.cfg.id + 1) % s.cfg.peers)
                 .with("rate", s.cfg.rate)
-                .with("tcp_bps", s.cfg.tcp_bps),
+                .with("tcp_bps", s.cfg.tcp_bps)
+                .with("udp_rcvbuf", rcvbuf),
         );
         s
     }
