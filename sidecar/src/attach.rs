@@ -74,8 +74,12 @@ pub struct Bitmap {
 pub struct DiskInfo {
     /// The guest device (qdev id/path, or the legacy drive id).
     pub device: String,
-    /// The format node that the device uses.
+    /// The name QMP commands address the disk by, stable across a relaunch: the drive
+    /// name of a legacy `-drive` (its node names are generated anew each start), else
+    /// the format node's name.
     pub node: String,
+    /// The format node's name in this QEMU (may be generated, like `#block123`).
+    pub node_name: String,
     /// Format of that node (`qcow2`, `raw`).
     pub format: String,
     /// The image file.
@@ -140,12 +144,12 @@ pub async fn identify(qmp: &Qmp, qmp_path: &Path) -> Result<VmIdentity, AttachEr
     let machine = machine.as_str().unwrap_or("").trim_end_matches("-machine").to_owned();
     let mem = query(qmp, "memory size", "query-memory-size-summary", json!({})).await?;
     let ram_bytes = mem["base-memory"].as_u64().unwrap_or(0) + mem["plugged-memory"].as_u64().unwrap_or(0);
+    let block = query(qmp, "block devices", "query-block", json!({})).await?;
     let migrate = query(qmp, "migration state", "query-migrate", json!({})).await?;
     if let Some(reasons) = migrate.get("blocked-reasons").and_then(Value::as_array).filter(|r| !r.is_empty()) {
-        let reasons = reasons.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; ");
-        return Err(AttachError::Blocked { reasons });
+        let reasons = reasons.iter().filter_map(Value::as_str).map(|r| name_devices(r, &block)).collect::<Vec<_>>();
+        return Err(AttachError::Blocked { reasons: reasons.join("; ") });
     }
-    let block = query(qmp, "block devices", "query-block", json!({})).await?;
     let nodes = query(qmp, "block nodes", "query-named-block-nodes", json!({"flat": true})).await?;
     let (disks, read_only) = parse_disks(&block, &nodes)?;
     let pidfile = peer.option("pidfile").map(str::to_owned);
@@ -168,6 +172,18 @@ pub async fn identify(qmp: &Qmp, qmp_path: &Path) -> Result<VmIdentity, AttachEr
     })
 }
 
+/// Adds the guest device to a reason that names only a block node (`node '#block140'`).
+fn name_devices(reason: &str, block: &Value) -> String {
+    for dev in block.as_array().into_iter().flatten() {
+        let node = dev.pointer("/inserted/node-name").and_then(Value::as_str).unwrap_or("");
+        if !node.is_empty() && reason.contains(&format!("'{node}'")) {
+            let device = dev["device"].as_str().filter(|s| !s.is_empty()).or(dev["qdev"].as_str()).unwrap_or("?");
+            return format!("{reason} (node {node} is device {device})");
+        }
+    }
+    reason.to_owned()
+}
+
 /// Writable disks and read-only devices from `query-block` and `query-named-block-nodes`.
 pub fn parse_disks(block: &Value, nodes: &Value) -> Result<(Vec<DiskInfo>, Vec<String>), AttachError> {
     let mut disks = Vec::new();
@@ -186,13 +202,17 @@ pub fn parse_disks(block: &Value, nodes: &Value) -> Result<(Vec<DiskInfo>, Vec<S
             read_only.push(device);
             continue;
         }
-        let node = ins["node-name"].as_str().unwrap_or("").to_owned();
+        let node_name = ins["node-name"].as_str().unwrap_or("").to_owned();
+        let node = match dev["device"].as_str() {
+            Some(drive) if !drive.is_empty() => drive.to_owned(),
+            _ => node_name.clone(),
+        };
         let format = ins["drv"].as_str().unwrap_or("").to_owned();
         let image = &ins["image"];
         let filename = image["filename"].as_str().or(ins["file"].as_str()).unwrap_or("").to_owned();
-        let backing = image.get("backing-image").map(|b| {
-            (b["filename"].as_str().unwrap_or("").to_owned(), b["format"].as_str().unwrap_or("").to_owned())
-        });
+        let backing = image
+            .get("backing-image")
+            .map(|b| (b["filename"].as_str().unwrap_or("").to_owned(), b["format"].as_str().unwrap_or("").to_owned()));
         let unsupported = |why: &str| AttachError::UnsupportedDisk {
             device: device.clone(),
             node: node.clone(),
@@ -214,7 +234,7 @@ pub fn parse_disks(block: &Value, nodes: &Value) -> Result<(Vec<DiskInfo>, Vec<S
             .as_array()
             .into_iter()
             .flatten()
-            .find(|n| n["node-name"] == node.as_str())
+            .find(|n| n["node-name"] == node_name.as_str())
             .and_then(|n| n["dirty-bitmaps"].as_array())
             .into_iter()
             .flatten()
@@ -228,6 +248,7 @@ pub fn parse_disks(block: &Value, nodes: &Value) -> Result<(Vec<DiskInfo>, Vec<S
         disks.push(DiskInfo {
             device,
             node,
+            node_name,
             format,
             filename,
             virtual_size: image["virtual-size"].as_u64().unwrap_or(0),
@@ -288,7 +309,8 @@ mod tests {
 
     #[test]
     fn lists_netdevs() {
-        let argv: Vec<String> = ["q", "-netdev", "tap,id=n0,ifname=t0", "-nic", "user,model=e1000"].map(String::from).into();
+        let argv: Vec<String> =
+            ["q", "-netdev", "tap,id=n0,ifname=t0", "-nic", "user,model=e1000"].map(String::from).into();
         assert_eq!(netdevs(&argv), vec![("n0".into(), "tap".into()), ("".into(), "user".into())]);
     }
 }

@@ -277,7 +277,11 @@ pub async fn checkpoint(
     let shared = store.lock_shared()?;
     let ident = attach::identify(qmp, std::path::Path::new(qmp.target())).await?;
     let id = store.next_id(name)?;
-    progress(&format!("checkpoint {id} of {name}: {} MiB RAM, {} writable disk(s)", ident.ram_bytes >> 20, ident.disks.len()));
+    progress(&format!(
+        "checkpoint {id} of {name}: {} MiB RAM, {} writable disk(s)",
+        ident.ram_bytes >> 20,
+        ident.disks.len()
+    ));
 
     let mut undo = Undo::default();
     let result = take(qmp, store, name, id, &ident, opts, started, &mut undo, progress).await;
@@ -321,7 +325,8 @@ async fn take(
     let mut policy = Policy::new(store.estimates());
     let plans = plan_disks(store, name, id, ident, opts)?;
     for p in &plans {
-        disk::create_target(&p.target, p.info.virtual_size).map_err(|source| CheckpointError::Disk { node: p.info.node.clone(), source })?;
+        disk::create_target(&p.target, p.info.virtual_size)
+            .map_err(|source| CheckpointError::Disk { node: p.info.node.clone(), source })?;
         undo.targets.push((p.target_node.clone(), p.target.clone()));
         qmp.execute_raw(
             "blockdev-add",
@@ -341,7 +346,10 @@ async fn take(
         false
     } else {
         match qmp
-            .execute_raw("migrate-set-capabilities", json!({"capabilities": [{"capability": "background-snapshot", "state": true}]}))
+            .execute_raw(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "background-snapshot", "state": true}]}),
+            )
             .await
         {
             Ok(_) => true,
@@ -352,14 +360,14 @@ async fn take(
             Err(e) => return Err(qemu("enable background-snapshot")(e)),
         }
     };
-    qmp.execute_raw("migrate-set-capabilities", json!({"capabilities": caps})).await.map_err(qemu("set migration capabilities"))?;
+    qmp.execute_raw("migrate-set-capabilities", json!({"capabilities": caps}))
+        .await
+        .map_err(qemu("set migration capabilities"))?;
 
     // The pipe QEMU writes the migration stream into.
-    let (read_end, write_end) = nix::unistd::pipe().map_err(|e| CheckpointError::Memory(BlockError::Write {
-        hash: "(pipe)".into(),
-        path: "pipe".into(),
-        source: e.into(),
-    }))?;
+    let (read_end, write_end) = nix::unistd::pipe().map_err(|e| {
+        CheckpointError::Memory(BlockError::Write { hash: "(pipe)".into(), path: "pipe".into(), source: e.into() })
+    })?;
     qmp.getfd(FD_NAME, std::os::fd::AsFd::as_fd(&write_end)).await.map_err(qemu("pass the migration pipe"))?;
     drop(write_end);
     let (count_tx, mut count_rx) = watch::channel(0u64);
@@ -384,7 +392,8 @@ async fn take(
             let persistent = p.info.format == "qcow2";
             actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
                 "node": p.info.node, "name": p.new_bitmap, "persistent": persistent, "granularity": CHUNK}}));
-            let mut backup = json!({"job-id": p.job, "device": p.info.node, "target": p.target_node, "auto-dismiss": true});
+            let mut backup =
+                json!({"job-id": p.job, "device": p.info.node, "target": p.target_node, "auto-dismiss": true});
             match &p.base {
                 Some((bitmap, _)) => {
                     backup["sync"] = json!("bitmap");
@@ -421,7 +430,9 @@ async fn take(
             }
         }
     } else {
-        let e = events.wait("MIGRATION", |e| matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled"))).await?;
+        let e = events
+            .wait("MIGRATION", |e| matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled")))
+            .await?;
         if e.data["status"] != "completed" {
             return Err(CheckpointError::Migration(migration_error(qmp).await));
         }
@@ -458,7 +469,11 @@ async fn take(
     policy = saver_policy;
     undo.created.extend(saved.created.iter().cloned());
     let memory_ms = ms(mem_started.elapsed());
-    progress(&format!("memory saved: {} MiB stream, {} KiB new", saved.stream.bytes >> 20, saved.stream.bytes_stored >> 10));
+    progress(&format!(
+        "memory saved: {} MiB stream, {} KiB new",
+        saved.stream.bytes >> 20,
+        saved.stream.bytes_stored >> 10
+    ));
 
     // Disks: wait for each job, then fold what it copied into the base map.
     let disks_started = Instant::now();
@@ -494,7 +509,9 @@ async fn take(
     }
     undo.jobs.clear();
     for p in &plans {
-        qmp.execute_raw("blockdev-del", json!({"node-name": p.target_node})).await.map_err(qemu("remove backup target"))?;
+        qmp.execute_raw("blockdev-del", json!({"node-name": p.target_node}))
+            .await
+            .map_err(qemu("remove backup target"))?;
         let base = p.base.as_ref().map(|(_, m)| m.clone()).unwrap_or_default();
         let node = p.info.node.clone();
         let target = p.target.clone();
@@ -508,7 +525,8 @@ async fn take(
         .await
         .map_err(|e| CheckpointError::Migration(format!("disk task: {e}")))?;
         policy = folded.1;
-        let (map, stored, copied, created) = folded.0.map_err(|source| CheckpointError::Disk { node: p.info.node.clone(), source })?;
+        let disk::Folded { map, stored, copied, created } =
+            folded.0.map_err(|source| CheckpointError::Disk { node: p.info.node.clone(), source })?;
         undo.created.extend(created);
         let _ = std::fs::remove_file(&p.target);
         progress(&format!("disk {}: {} KiB copied, {} KiB new", p.info.node, copied >> 10, stored >> 10));
@@ -533,7 +551,8 @@ async fn take(
     store.save_estimates(&policy.estimates());
 
     let bytes_stored = saved.stream.bytes_stored + disks.iter().map(|d| d.bytes_stored).sum::<u64>();
-    let parent = plans.iter().find_map(|p| p.base.as_ref()).and_then(|(b, _)| b.strip_prefix(BITMAP_PREFIX)?.parse().ok());
+    let parent =
+        plans.iter().find_map(|p| p.base.as_ref()).and_then(|(b, _)| b.strip_prefix(BITMAP_PREFIX)?.parse().ok());
     // From the commit on, the new bitmaps belong to the checkpoint: no undo removes them.
     undo.bitmaps.clear();
     Ok(Manifest {
@@ -561,7 +580,13 @@ async fn take(
 }
 
 /// Decides per disk whether the copy can be incremental, and names its work files.
-fn plan_disks(store: &Store, name: &str, id: u64, ident: &VmIdentity, opts: &Options) -> Result<Vec<DiskPlan>, CheckpointError> {
+fn plan_disks(
+    store: &Store,
+    name: &str,
+    id: u64,
+    ident: &VmIdentity,
+    opts: &Options,
+) -> Result<Vec<DiskPlan>, CheckpointError> {
     let mut plans = Vec::new();
     for d in &ident.disks {
         let mut full_reason = None;
@@ -624,7 +649,11 @@ struct Events {
 
 impl Events {
     /// Waits for an event named `name` (any name if empty) satisfying `pred`.
-    async fn wait(&mut self, name: &str, mut pred: impl FnMut(&qmp_client::Event) -> bool) -> Result<qmp_client::Event, CheckpointError> {
+    async fn wait(
+        &mut self,
+        name: &str,
+        mut pred: impl FnMut(&qmp_client::Event) -> bool,
+    ) -> Result<qmp_client::Event, CheckpointError> {
         let mut matches = |e: &qmp_client::Event| (name.is_empty() || e.name == name) && pred(e);
         if let Some(i) = self.seen.iter().position(&mut matches) {
             return Ok(self.seen.remove(i));
@@ -636,9 +665,14 @@ impl Events {
                 Ok(Some(e)) if matches(&e) => return Ok(e),
                 Ok(Some(e)) => self.seen.push(e),
                 Ok(None) => {
-                    return Err(CheckpointError::QemuGone(format!("QMP closed while waiting for {}", if name.is_empty() { "an event" } else { name })));
+                    return Err(CheckpointError::QemuGone(format!(
+                        "QMP closed while waiting for {}",
+                        if name.is_empty() { "an event" } else { name }
+                    )));
                 }
-                Err(_) => return Err(qemu("wait for QEMU")(QmpError::Timeout { what: name.to_owned(), after: timeout })),
+                Err(_) => {
+                    return Err(qemu("wait for QEMU")(QmpError::Timeout { what: name.to_owned(), after: timeout }));
+                }
             }
         }
     }

@@ -57,7 +57,11 @@ pub enum DiskError {
 fn run(tool: &'static str, path: &Path, cmd: &mut Command) -> Result<Vec<u8>, DiskError> {
     let out = cmd.output().map_err(|source| DiskError::Io { what: "cannot run", path: tool.into(), source })?;
     if !out.status.success() {
-        return Err(DiskError::Tool { tool, path: path.to_owned(), stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+        return Err(DiskError::Tool {
+            tool,
+            path: path.to_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
     }
     Ok(out.stdout)
 }
@@ -67,7 +71,10 @@ pub fn create_target(path: &Path, size: u64) -> Result<(), DiskError> {
     run(
         "qemu-img",
         path,
-        Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-o", &format!("cluster_size={CHUNK}")]).arg(path).arg(size.to_string()),
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", &format!("cluster_size={CHUNK}")])
+            .arg(path)
+            .arg(size.to_string()),
     )
     .map(|_| ())
 }
@@ -99,7 +106,8 @@ pub struct Copied {
 
 /// The ranges a backup job wrote into `target` (a qcow2 without backing).
 pub fn copied_ranges(target: &Path) -> Result<Vec<Copied>, DiskError> {
-    let out = run("qemu-img", target, Command::new("qemu-img").args(["map", "--output=json", "-f", "qcow2"]).arg(target))?;
+    let out =
+        run("qemu-img", target, Command::new("qemu-img").args(["map", "--output=json", "-f", "qcow2"]).arg(target))?;
     let extents: Vec<Extent> = serde_json::from_slice(&out).map_err(|e| DiskError::Tool {
         tool: "qemu-img map",
         path: target.to_owned(),
@@ -112,8 +120,20 @@ pub fn copied_ranges(target: &Path) -> Result<Vec<Copied>, DiskError> {
         .collect())
 }
 
+/// The result of folding a backup target over a chunk map.
+#[derive(Debug)]
+pub struct Folded {
+    /// The new chunk map.
+    pub map: BTreeMap<u64, Hash>,
+    /// Bytes newly stored.
+    pub stored: u64,
+    /// Bytes QEMU copied.
+    pub copied: u64,
+    /// Blocks this fold created.
+    pub created: Vec<Hash>,
+}
+
 /// Folds the ranges copied into `target` over the chunk map `base`, storing new chunks.
-/// Returns the new map, bytes newly stored, bytes copied, and blocks created.
 pub fn fold(
     node: &str,
     target: &Path,
@@ -121,9 +141,10 @@ pub fn fold(
     virtual_size: u64,
     blocks: &Blocks,
     policy: &mut Policy,
-) -> Result<(BTreeMap<u64, Hash>, u64, u64, Vec<Hash>), DiskError> {
+) -> Result<Folded, DiskError> {
     let ranges = copied_ranges(target)?;
-    let file = File::open(target).map_err(|source| DiskError::Io { what: "cannot open", path: target.to_owned(), source })?;
+    let file =
+        File::open(target).map_err(|source| DiskError::Io { what: "cannot open", path: target.to_owned(), source })?;
     let mut map = base.clone();
     let (mut stored, mut copied) = (0, 0);
     let mut created = Vec::new();
@@ -167,7 +188,7 @@ pub fn fold(
             off = chunk_end;
         }
     }
-    Ok((map, stored, copied, created))
+    Ok(Folded { map, stored, copied, created })
 }
 
 /// Writes the image of checkpointed `disk` to `path`: a new image of the same format
@@ -261,7 +282,8 @@ mod tests {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let mut base = BTreeMap::new();
         base.insert(0, ZERO.to_owned());
-        let (map, stored, copied, created) = fold("n", &target, &base, 1 << 20, &blocks, &mut policy).expect("fold");
+        let Folded { map, stored, copied, created } =
+            fold("n", &target, &base, 1 << 20, &blocks, &mut policy).expect("fold");
         assert_eq!(copied, 2 * CHUNK);
         assert_eq!(map.len(), 3);
         assert_eq!(map[&5], ZERO);

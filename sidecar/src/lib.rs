@@ -6,6 +6,7 @@ pub mod attach;
 pub mod checkpoint;
 pub mod disk;
 pub mod memory;
+pub mod process;
 pub mod restore;
 pub mod store;
 
@@ -22,7 +23,9 @@ impl VmName {
             return Err(format!("VM name {name:?} must have 1 to 64 characters"));
         }
         if name.starts_with('.') || !name.chars().all(ok_char) {
-            return Err(format!("VM name {name:?} may hold only letters, digits, '-', '_', '.', and not start with '.'"));
+            return Err(format!(
+                "VM name {name:?} may hold only letters, digits, '-', '_', '.', and not start with '.'"
+            ));
         }
         Ok(VmName(name.to_owned()))
     }

@@ -157,12 +157,24 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let q = attach::connect(&qmp).await?;
             let ident = attach::identify(&q, &qmp).await?;
             let v = serde_json::to_value(&ident)?;
-            let disks: Vec<String> = ident.disks.iter().map(|d| format!("{} ({}, {}, {} MiB)", d.device, d.node, d.format, d.virtual_size >> 20)).collect();
-            print(json, v, format!(
-                "QEMU {} pid {}, machine {}, {} MiB RAM, {}\nwritable disks: {}",
-                ident.qemu_version, ident.pid, ident.machine, ident.ram_bytes >> 20, ident.status,
-                if disks.is_empty() { "none".into() } else { disks.join(", ") }
-            ));
+            let disks: Vec<String> = ident
+                .disks
+                .iter()
+                .map(|d| format!("{} ({}, {}, {} MiB)", d.device, d.node, d.format, d.virtual_size >> 20))
+                .collect();
+            print(
+                json,
+                v,
+                format!(
+                    "QEMU {} pid {}, machine {}, {} MiB RAM, {}\nwritable disks: {}",
+                    ident.qemu_version,
+                    ident.pid,
+                    ident.machine,
+                    ident.ram_bytes >> 20,
+                    ident.status,
+                    if disks.is_empty() { "none".into() } else { disks.join(", ") }
+                ),
+            );
         }
         Cmd::Checkpoint { qmp, store, name: n, full, stop_and_copy } => {
             let n = name(&n)?;
@@ -171,21 +183,47 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let opts = checkpoint::Options { full, stop_and_copy };
             let m = checkpoint::checkpoint(&q, &store, n.as_str(), &opts, &mut progress).await?;
             let r = checkpoint::Report::of(&m);
-            print(json, serde_json::to_value(&r)?, format!(
-                "checkpoint {} of {}: {} mode, guest paused {:.1} ms, took {:.0} ms, stored {} KiB ({} KiB memory of a {} MiB stream{})",
-                r.id, r.name, r.mode, r.pause_ms, r.duration_ms, r.bytes_stored >> 10, r.memory_bytes_stored >> 10,
-                r.memory_bytes >> 20,
-                r.disks.iter().map(|d| format!(", disk {} {} {} KiB", d.node, if d.full { "full" } else { "incremental" }, d.bytes_stored >> 10)).collect::<String>()
-            ));
+            print(
+                json,
+                serde_json::to_value(&r)?,
+                format!(
+                    "checkpoint {} of {}: {} mode, guest paused {:.1} ms, took {:.0} ms, stored {} KiB ({} KiB memory of a {} MiB stream{})",
+                    r.id,
+                    r.name,
+                    r.mode,
+                    r.pause_ms,
+                    r.duration_ms,
+                    r.bytes_stored >> 10,
+                    r.memory_bytes_stored >> 10,
+                    r.memory_bytes >> 20,
+                    r.disks
+                        .iter()
+                        .map(|d| format!(
+                            ", disk {} {} {} KiB",
+                            d.node,
+                            if d.full { "full" } else { "incremental" },
+                            d.bytes_stored >> 10
+                        ))
+                        .collect::<String>()
+                ),
+            );
         }
         Cmd::Restore { store, name: n, checkpoint, paused } => {
             let n = name(&n)?;
             let store = Store::open_existing(&store)?;
             let r = restore::restore(&store, n.as_str(), checkpoint, paused, &mut progress).await?;
-            print(json, serde_json::to_value(&r)?, format!(
-                "restored checkpoint {} of {} in {:.0} ms: QEMU pid {}{}",
-                r.id, r.name, r.duration_ms, r.pid, if r.paused { ", paused" } else { "" }
-            ));
+            print(
+                json,
+                serde_json::to_value(&r)?,
+                format!(
+                    "restored checkpoint {} of {} in {:.0} ms: QEMU pid {}{}",
+                    r.id,
+                    r.name,
+                    r.duration_ms,
+                    r.pid,
+                    if r.paused { ", paused" } else { "" }
+                ),
+            );
         }
         Cmd::List { store, name: n } => {
             let store = Store::open_existing(&store)?;
@@ -208,8 +246,14 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .iter()
                 .map(|r| match r.get("error") {
                     Some(e) => format!("{} {:>6}  DAMAGED: {}", r["name"].as_str().unwrap_or(""), r["id"], e),
-                    None => format!("{} {:>6}  {}  pause {:.1} ms  stored {} KiB", r["name"].as_str().unwrap_or(""), r["id"],
-                        r["mode"].as_str().unwrap_or(""), r["pause_ms"].as_f64().unwrap_or(0.0), r["bytes_stored"].as_u64().unwrap_or(0) >> 10),
+                    None => format!(
+                        "{} {:>6}  {}  pause {:.1} ms  stored {} KiB",
+                        r["name"].as_str().unwrap_or(""),
+                        r["id"],
+                        r["mode"].as_str().unwrap_or(""),
+                        r["pause_ms"].as_f64().unwrap_or(0.0),
+                        r["bytes_stored"].as_u64().unwrap_or(0) >> 10
+                    ),
                 })
                 .collect::<Vec<_>>()
                 .join("\n");
@@ -234,8 +278,14 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             } else {
                 damage
                     .iter()
-                    .map(|d| format!("{}: {}; breaks {}", d.item, d.why,
-                        d.breaks.iter().map(|(n, i)| format!("{n}#{i}")).collect::<Vec<_>>().join(", ")))
+                    .map(|d| {
+                        format!(
+                            "{}: {}; breaks {}",
+                            d.item,
+                            d.why,
+                            d.breaks.iter().map(|(n, i)| format!("{n}#{i}")).collect::<Vec<_>>().join(", ")
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join("\n")
             };
@@ -248,10 +298,17 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let n = name(&n)?;
             let store = Store::open_existing(&store)?;
             let r = store.gc(n.as_str(), keep)?;
-            print(json, serde_json::to_value(&r)?, format!(
-                "removed checkpoints {:?}, kept {:?}; deleted {} blocks ({} KiB)",
-                r.removed, r.kept, r.blocks_removed, r.bytes_freed >> 10
-            ));
+            print(
+                json,
+                serde_json::to_value(&r)?,
+                format!(
+                    "removed checkpoints {:?}, kept {:?}; deleted {} blocks ({} KiB)",
+                    r.removed,
+                    r.kept,
+                    r.blocks_removed,
+                    r.bytes_freed >> 10
+                ),
+            );
         }
     }
     Ok(0)

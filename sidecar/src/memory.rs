@@ -79,7 +79,10 @@ pub fn feed_stream(pipe: OwnedFd, blocks: &Blocks, stream: &Stream) -> Result<u6
     for (hash, len) in &stream.blocks {
         let data = blocks.get(hash)?;
         if data.len() as u64 != *len {
-            return Err(BlockError::Damaged { hash: hash.clone(), why: format!("{} bytes, recorded {len}", data.len()) });
+            return Err(BlockError::Damaged {
+                hash: hash.clone(),
+                why: format!("{} bytes, recorded {len}", data.len()),
+            });
         }
         out.write_all(&data).map_err(|source| BlockError::Read {
             hash: hash.clone(),

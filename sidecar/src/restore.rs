@@ -164,7 +164,11 @@ pub async fn restore(
                 source,
             })?;
             if actual != b.sha256 {
-                return Err(RestoreError::BackingChanged { file: b.filename.clone(), actual, recorded: b.sha256.clone() });
+                return Err(RestoreError::BackingChanged {
+                    file: b.filename.clone(),
+                    actual,
+                    recorded: b.sha256.clone(),
+                });
             }
         }
     }
@@ -178,7 +182,9 @@ pub async fn restore(
             ".{}.cutline-restore",
             original.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
         ));
-        let staging = store.tmp().join(format!("restore-{name}-{id}-{}", d.node.replace(|c: char| !c.is_ascii_alphanumeric(), "_")));
+        let staging = store
+            .tmp()
+            .join(format!("restore-{name}-{id}-{}", d.node.replace(|c: char| !c.is_ascii_alphanumeric(), "_")));
         let (disk, blocks, t) = (d.clone(), store.blocks().clone(), tmp.clone());
         let r = tokio::task::spawn_blocking(move || disk::write_image(&disk, &blocks, &t, &staging))
             .await
@@ -198,7 +204,8 @@ pub async fn restore(
     let down_at = Instant::now();
     stop_running(&qmp_path, m.pidfile.as_deref().map(|p| resolve(&m, p))).await?;
     for (tmp, original) in &staged {
-        std::fs::rename(tmp, original).map_err(|e| RestoreError::Relaunch(format!("cannot put {} in place: {e}", original.display())))?;
+        std::fs::rename(tmp, original)
+            .map_err(|e| RestoreError::Relaunch(format!("cannot put {} in place: {e}", original.display())))?;
         if let Some(dir) = original.parent() {
             let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
         }
@@ -206,7 +213,40 @@ pub async fn restore(
     progress("relaunching QEMU");
     let log = store.root().join("vms").join(name).join("qemu.log");
     let pid = launch(&m, &log)?;
-    let qmp = connect_new(&qmp_path, pid, &log).await?;
+    // Until it runs the restored guest, the new QEMU is ours: a failure kills it.
+    match load(&m, store, &qmp_path, pid, &log, paused, progress).await {
+        Ok(pid) => {
+            let downtime_ms = down_at.elapsed().as_secs_f64() * 1000.0;
+            tracing::info!(vm = name, id, pid, "restored");
+            Ok(Report {
+                id,
+                name: name.to_owned(),
+                duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+                downtime_ms,
+                pid,
+                paused,
+                qmp: qmp_path.display().to_string(),
+            })
+        }
+        Err(e) => {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            Err(e)
+        }
+    }
+}
+
+/// Loads the saved state into the relaunched QEMU, adds bitmaps, resumes; returns its pid.
+async fn load(
+    m: &Manifest,
+    store: &Store,
+    qmp_path: &Path,
+    pid: i32,
+    log: &Path,
+    paused: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<i32, RestoreError> {
+    let (name, id) = (m.name.as_str(), m.id);
+    let qmp = connect_new(qmp_path, pid, log).await?;
     let pid = qmp.peer_pid().unwrap_or(pid);
 
     qmp.execute_raw("migrate-set-capabilities", json!({"capabilities": [{"capability": "events", "state": true}]}))
@@ -216,12 +256,18 @@ pub async fn restore(
     qmp.getfd(FD_NAME, std::os::fd::AsFd::as_fd(&read_end)).await.map_err(qemu("pass the state pipe"))?;
     drop(read_end);
     let mut events = qmp.subscribe();
-    qmp.execute_raw("migrate-incoming", json!({"uri": format!("fd:{FD_NAME}")})).await.map_err(qemu("migrate-incoming"))?;
+    qmp.execute_raw("migrate-incoming", json!({"uri": format!("fd:{FD_NAME}")}))
+        .await
+        .map_err(qemu("migrate-incoming"))?;
     progress(&format!("loading {} MiB of saved state", m.memory.bytes >> 20));
     let (blocks, stream) = (store.blocks().clone(), m.memory.clone());
     let feeder = tokio::task::spawn_blocking(move || memory::feed_stream(write_end, &blocks, &stream));
     let done = events
-        .wait_for("MIGRATION", |e| matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled")), Duration::from_secs(600))
+        .wait_for(
+            "MIGRATION",
+            |e| matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled")),
+            Duration::from_secs(600),
+        )
         .await
         .map_err(qemu("wait for the incoming migration"))?;
     let fed = feeder.await.map_err(|e| RestoreError::Incoming(format!("feeder task: {e}")))?;
@@ -250,17 +296,7 @@ pub async fn restore(
     if !paused {
         qmp.execute_raw("cont", json!({})).await.map_err(qemu("cont"))?;
     }
-    let downtime_ms = down_at.elapsed().as_secs_f64() * 1000.0;
-    tracing::info!(vm = name, id, pid, "restored");
-    Ok(Report {
-        id,
-        name: name.to_owned(),
-        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
-        downtime_ms,
-        pid,
-        paused,
-        qmp: qmp_path.display().to_string(),
-    })
+    Ok(pid)
 }
 
 fn resolve(m: &Manifest, p: &str) -> PathBuf {
@@ -282,7 +318,7 @@ async fn stop_running(qmp_path: &Path, pidfile: Option<PathBuf>) -> Result<(), R
     };
     let Some(pid) = pid else { return Ok(()) };
     let target = nix::unistd::Pid::from_raw(pid);
-    let alive = || nix::sys::signal::kill(target, None).is_ok() && !is_zombie(pid);
+    let alive = || !crate::process::is_gone(pid);
     for i in 0..500 {
         if !alive() {
             return Ok(());
@@ -299,13 +335,6 @@ async fn stop_running(qmp_path: &Path, pidfile: Option<PathBuf>) -> Result<(), R
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Err(RestoreError::Stop { pid })
-}
-
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit(')').next().map(|r| r.trim_start().starts_with('Z')))
-        .unwrap_or(true)
 }
 
 /// Starts QEMU detached from the sidecar (own session, output to `log`); returns its pid.
@@ -352,7 +381,7 @@ async fn connect_new(qmp_path: &Path, pid: i32, log: &Path) -> Result<Qmp, Resto
         if let Ok(q) = Qmp::connect(qmp_path).await {
             return Ok(q);
         }
-        let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() || is_zombie(pid);
+        let gone = crate::process::is_gone(pid);
         if gone || Instant::now() > deadline {
             let tail = std::fs::read_to_string(log).unwrap_or_default();
             let tail: Vec<&str> = tail.lines().rev().take(5).collect();
@@ -373,7 +402,8 @@ mod tests {
 
     #[test]
     fn relaunch_argv_replaces_incoming_and_pauses() {
-        let argv: Vec<String> = ["qemu", "-m", "128", "-incoming", "tcp:0:4444", "-S", "-name", "x"].map(String::from).into();
+        let argv: Vec<String> =
+            ["qemu", "-m", "128", "-incoming", "tcp:0:4444", "-S", "-name", "x"].map(String::from).into();
         assert_eq!(relaunch_argv(&argv), ["qemu", "-m", "128", "-name", "x", "-incoming", "defer", "-S"]);
     }
 }

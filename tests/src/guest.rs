@@ -213,6 +213,10 @@ pub fn qemu_argv(spec: &GuestSpec, image: &GuestImage, accel: Accel, dir: &Path)
     a
 }
 
+fn option(argv: &[String], name: &str) -> Option<String> {
+    argv.windows(2).find(|w| w[0] == name).map(|w| w[1].clone())
+}
+
 impl Guest {
     /// Creates the guest's disks, starts QEMU and connects to its control channel.
     pub async fn start(spec: &GuestSpec, image: &GuestImage, accel: Accel, root: &Path) -> Result<Guest, GuestError> {
@@ -255,6 +259,22 @@ impl Guest {
             control: None,
             process: Process::Child(child),
         };
+        // A daemonizing QEMU's first process exits once the daemon runs; take the
+        // daemon's pid from its pidfile so that cleanup reaches it.
+        if let Some(pidfile) =
+            guest.argv.iter().any(|a| a == "-daemonize").then(|| option(&guest.argv, "-pidfile")).flatten()
+        {
+            if let Process::Child(c) = &mut guest.process {
+                let _ = c.wait();
+            }
+            let pid = std::fs::read_to_string(&pidfile).ok().and_then(|s| s.trim().parse().ok()).ok_or_else(|| {
+                GuestError::Exited {
+                    name: guest.name.clone(),
+                    stderr: format!("no pid in {pidfile}: {}", guest.stderr()),
+                }
+            })?;
+            guest.process = Process::Adopted(pid);
+        }
         let control = Control::connect(&guest.dir.join("control.sock"), Duration::from_secs(10)).await;
         match control {
             Ok(c) => guest.control = Some(c),
@@ -312,10 +332,12 @@ impl Guest {
             Process::Child(c) => {
                 let _ = c.wait();
             }
-            Process::Adopted(_) => {
-                // Not our child: wait until whoever reaps it has.
+            Process::Adopted(pid) => {
+                // Ours to reap when it was re-parented to the test (a child subreaper);
+                // otherwise wait until it has exited with every thread.
+                let _ = nix::sys::wait::waitpid(Pid::from_raw(*pid), None);
                 for _ in 0..250 {
-                    if !self.is_running() {
+                    if sidecar::process::is_gone(*pid) {
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(20));
@@ -328,8 +350,7 @@ impl Guest {
     pub fn is_running(&mut self) -> bool {
         match &mut self.process {
             Process::Child(c) => matches!(c.try_wait(), Ok(None)),
-            Process::Adopted(pid) => std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| !r.trim_start().starts_with('Z'))),
+            Process::Adopted(pid) => !sidecar::process::is_gone(*pid),
         }
     }
 

@@ -35,6 +35,9 @@ impl TestEnv {
     /// Prepares the environment: builds or reuses the image, decides the accelerator.
     pub async fn new() -> anyhow::Result<TestEnv> {
         init_tracing();
+        // QEMUs that daemonize or that a restore relaunches in their own session are
+        // re-parented to the test, which can then reap them, rather than to init.
+        let _ = nix::sys::prctl::set_child_subreaper(true);
         let spec = ImageSpec::default();
         let image =
             tokio::task::spawn_blocking(move || GuestImage::get(&spec, &mut |msg| tracing::info!("{msg}"))).await??;

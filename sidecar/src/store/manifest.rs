@@ -230,6 +230,16 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn floats_round_trip_exactly() {
+        let mut m = sample(2);
+        for (i, x) in [0.1, 13.000000000000002, 2.448241, 1e-7, 123456.789012345].iter().enumerate() {
+            m.timings.pause_ms = *x * (i as f64 + 1.0) / 3.0;
+            m.seal();
+            assert_eq!(Manifest::from_bytes(&m.to_bytes()).expect("round trip"), m);
+        }
+    }
+
+    #[test]
     fn refuses_other_formats() {
         let mut m = sample(1);
         m.format = 99;

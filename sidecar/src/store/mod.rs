@@ -165,7 +165,8 @@ impl Store {
         if let Some(p) = path.parent() {
             std::fs::create_dir_all(p).map_err(io("cannot create", p))?;
         }
-        let f = File::options().create(true).truncate(false).write(true).open(&path).map_err(io("cannot open", &path))?;
+        let f =
+            File::options().create(true).truncate(false).write(true).open(&path).map_err(io("cannot open", &path))?;
         Flock::lock(f, arg).map(Lock).map_err(|_| StoreError::Busy { what, path })
     }
 
@@ -307,7 +308,10 @@ impl Store {
                         }
                         for d in &m.disks {
                             if let Some(b) = &d.backing {
-                                backings.entry((b.filename.clone(), b.sha256.clone())).or_default().push((n.clone(), id));
+                                backings
+                                    .entry((b.filename.clone(), b.sha256.clone()))
+                                    .or_default()
+                                    .push((n.clone(), id));
                             }
                         }
                     }
