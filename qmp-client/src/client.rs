@@ -221,7 +221,12 @@ impl Qmp {
         let not_qmp = |reason: String| QmpError::NotQmp { target: target.clone(), reason };
         let first = tokio::time::timeout(options.connect_timeout, read_message(&mut reader))
             .await
-            .map_err(|_| not_qmp(format!("no greeting within {:?}", options.connect_timeout)))?
+            .map_err(|_| {
+                not_qmp(format!(
+                    "no greeting within {:?} (QEMU serves one client per QMP socket: is another one connected?)",
+                    options.connect_timeout
+                ))
+            })?
             .map_err(|e| not_qmp(e.to_string()))?
             .ok_or_else(|| not_qmp("closed without a greeting".into()))?;
         let greeting = Greeting::parse(&first).map_err(not_qmp)?;

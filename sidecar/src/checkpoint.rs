@@ -373,10 +373,11 @@ async fn take(
     let (count_tx, mut count_rx) = watch::channel(0u64);
     let blocks = store.blocks().clone();
     let mut saver_policy = policy.clone();
-    let saver = tokio::task::spawn_blocking(move || {
-        let r = memory::save_stream(read_end, &blocks, &mut saver_policy, count_tx);
-        (r, saver_policy)
-    });
+    let mut saver = Some(tokio::task::spawn_blocking(move || {
+        let mut created = Vec::new();
+        let r = memory::save_stream(read_end, &blocks, &mut saver_policy, count_tx, &mut created);
+        SaverOut { result: r, policy: saver_policy, created }
+    }));
 
     // The cut.
     let mut events = Events { stream: qmp.subscribe(), seen: Vec::new() };
@@ -425,7 +426,7 @@ async fn take(
             r = events.wait("MIGRATION", |e| matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled"))) => {
                 let e = r?;
                 if e.data["status"] != "completed" {
-                    return Err(CheckpointError::Migration(migration_error(qmp).await));
+                    return Err(migration_failed(qmp, &mut saver, undo).await);
                 }
             }
         }
@@ -434,7 +435,7 @@ async fn take(
             .wait("MIGRATION", |e| matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled")))
             .await?;
         if e.data["status"] != "completed" {
-            return Err(CheckpointError::Migration(migration_error(qmp).await));
+            return Err(migration_failed(qmp, &mut saver, undo).await);
         }
     }
     let mut pause_ms = ms(cut_at.elapsed());
@@ -458,22 +459,19 @@ async fn take(
             }
             match e.data["status"].as_str() {
                 Some("completed") => break,
-                Some("failed" | "cancelled") => return Err(CheckpointError::Migration(migration_error(qmp).await)),
+                Some("failed" | "cancelled") => return Err(migration_failed(qmp, &mut saver, undo).await),
                 _ => {}
             }
         }
     }
     undo.migrating = false;
-    let (saved, saver_policy) = saver.await.map_err(|e| CheckpointError::Migration(format!("saver task: {e}")))?;
-    let saved = saved.map_err(CheckpointError::Memory)?;
-    policy = saver_policy;
-    undo.created.extend(saved.created.iter().cloned());
+    let saver = saver.take().ok_or_else(|| CheckpointError::Migration("saver task already consumed".into()))?;
+    let out = saver.await.map_err(|e| CheckpointError::Migration(format!("saver task: {e}")))?;
+    undo.created.extend(out.created);
+    let stream = out.result.map_err(CheckpointError::Memory)?;
+    policy = out.policy;
     let memory_ms = ms(mem_started.elapsed());
-    progress(&format!(
-        "memory saved: {} MiB stream, {} KiB new",
-        saved.stream.bytes >> 20,
-        saved.stream.bytes_stored >> 10
-    ));
+    progress(&format!("memory saved: {} MiB stream, {} KiB new", stream.bytes >> 20, stream.bytes_stored >> 10));
 
     // Disks: wait for each job, then fold what it copied into the base map.
     let disks_started = Instant::now();
@@ -519,15 +517,16 @@ async fn take(
         let blocks = store.blocks().clone();
         let mut pol = policy.clone();
         let folded = tokio::task::spawn_blocking(move || {
-            let r = disk::fold(&node, &target, &base, size, &blocks, &mut pol);
-            (r, pol)
+            let mut created = Vec::new();
+            let r = disk::fold(&node, &target, &base, size, &blocks, &mut pol, &mut created);
+            (r, pol, created)
         })
         .await
         .map_err(|e| CheckpointError::Migration(format!("disk task: {e}")))?;
         policy = folded.1;
-        let disk::Folded { map, stored, copied, created } =
+        undo.created.extend(folded.2);
+        let disk::Folded { map, stored, copied } =
             folded.0.map_err(|source| CheckpointError::Disk { node: p.info.node.clone(), source })?;
-        undo.created.extend(created);
         let _ = std::fs::remove_file(&p.target);
         progress(&format!("disk {}: {} KiB copied, {} KiB new", p.info.node, copied >> 10, stored >> 10));
         disks.push(Disk {
@@ -550,7 +549,7 @@ async fn take(
     let disks_ms = ms(disks_started.elapsed());
     store.save_estimates(&policy.estimates());
 
-    let bytes_stored = saved.stream.bytes_stored + disks.iter().map(|d| d.bytes_stored).sum::<u64>();
+    let bytes_stored = stream.bytes_stored + disks.iter().map(|d| d.bytes_stored).sum::<u64>();
     let parent =
         plans.iter().find_map(|p| p.base.as_ref()).and_then(|(b, _)| b.strip_prefix(BITMAP_PREFIX)?.parse().ok());
     // From the commit on, the new bitmaps belong to the checkpoint: no undo removes them.
@@ -571,7 +570,7 @@ async fn take(
         cwd: ident.cwd.as_ref().map(|c| c.display().to_string()),
         qmp: ident.qmp_path.display().to_string(),
         pidfile: ident.pidfile.clone(),
-        memory: Stream { ..saved.stream },
+        memory: stream,
         disks,
         timings: Timings { pause_ms, duration_ms: ms(started.elapsed()), memory_ms, disks_ms, sync_ms: 0.0 },
         bytes_stored,
@@ -676,6 +675,31 @@ impl Events {
             }
         }
     }
+}
+
+/// Why the migration failed: the saver's own error when it stopped reading (the store
+/// failed, e.g. its disk is full), else QEMU's description.
+async fn migration_failed(
+    qmp: &Qmp,
+    saver: &mut Option<tokio::task::JoinHandle<SaverOut>>,
+    undo: &mut Undo,
+) -> CheckpointError {
+    if let Some(task) = saver.take()
+        && let Ok(Ok(out)) = tokio::time::timeout(Duration::from_secs(5), task).await
+    {
+        undo.created.extend(out.created);
+        if let Err(e) = out.result {
+            return CheckpointError::Memory(e);
+        }
+    }
+    CheckpointError::Migration(migration_error(qmp).await)
+}
+
+/// What the task saving the migration stream hands back.
+struct SaverOut {
+    result: Result<Stream, BlockError>,
+    policy: Policy,
+    created: Vec<Hash>,
 }
 
 async fn migration_error(qmp: &Qmp) -> String {

@@ -129,11 +129,10 @@ pub struct Folded {
     pub stored: u64,
     /// Bytes QEMU copied.
     pub copied: u64,
-    /// Blocks this fold created.
-    pub created: Vec<Hash>,
 }
 
-/// Folds the ranges copied into `target` over the chunk map `base`, storing new chunks.
+/// Folds the ranges copied into `target` over the chunk map `base`, storing new chunks;
+/// `created` gets every block added, even when it fails, for cleanup.
 pub fn fold(
     node: &str,
     target: &Path,
@@ -141,13 +140,13 @@ pub fn fold(
     virtual_size: u64,
     blocks: &Blocks,
     policy: &mut Policy,
+    created: &mut Vec<Hash>,
 ) -> Result<Folded, DiskError> {
     let ranges = copied_ranges(target)?;
     let file =
         File::open(target).map_err(|source| DiskError::Io { what: "cannot open", path: target.to_owned(), source })?;
     let mut map = base.clone();
     let (mut stored, mut copied) = (0, 0);
-    let mut created = Vec::new();
     let mut buf = vec![0u8; CHUNK as usize];
     for r in ranges {
         copied += r.length;
@@ -188,7 +187,7 @@ pub fn fold(
             off = chunk_end;
         }
     }
-    Ok(Folded { map, stored, copied, created })
+    Ok(Folded { map, stored, copied })
 }
 
 /// Writes the image of checkpointed `disk` to `path`: a new image of the same format

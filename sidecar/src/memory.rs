@@ -34,27 +34,20 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
-/// What saving produced.
-pub struct Saved {
-    /// The stream's blocks.
-    pub stream: Stream,
-    /// Blocks this save created (for cleanup if the checkpoint aborts).
-    pub created: Vec<String>,
-}
-
 /// Reads the migration stream from `pipe` to its end, storing content-defined chunks.
-/// `progress` sees the byte count as it grows. On a store error the pipe is closed, so
-/// QEMU's migration fails rather than blocks.
+/// `progress` sees the byte count as it grows; `created` gets every block this save
+/// adds, even when it fails, for cleanup. On a store error the pipe is closed, so QEMU's
+/// migration fails rather than blocks.
 pub fn save_stream(
     pipe: OwnedFd,
     blocks: &Blocks,
     policy: &mut Policy,
     progress: watch::Sender<u64>,
-) -> Result<Saved, BlockError> {
+    created: &mut Vec<String>,
+) -> Result<Stream, BlockError> {
     let reader = Counting { inner: File::from(pipe), count: Arc::new(AtomicU64::new(0)), tx: progress };
     let chunker = fastcdc::v2020::StreamCDC::new(reader, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK);
     let mut stream = Stream { bytes: 0, blocks: Vec::new(), bytes_stored: 0 };
-    let mut created = Vec::new();
     for chunk in chunker {
         let chunk = chunk.map_err(|e| BlockError::Read {
             hash: "(migration stream)".into(),
@@ -69,7 +62,7 @@ pub fn save_stream(
         }
         stream.blocks.push((put.hash, put.len));
     }
-    Ok(Saved { stream, created })
+    Ok(stream)
 }
 
 /// Writes the stored stream into `pipe`, checking every block's hash on the way.

@@ -8,6 +8,7 @@ pub mod accel;
 pub mod control;
 pub mod guest;
 pub mod image;
+pub mod mount;
 pub mod netns;
 pub mod stream;
 pub mod switch;
@@ -98,6 +99,24 @@ fn probe_boot(image: &GuestImage, accel: Accel, dir: &Path, timeout: Duration) -
         .flatten()
         .is_some()
     })
+}
+
+/// The path of a binary of this workspace (`cutline-sidecar`, `cutline`), built (or
+/// brought up to date) first: test runs build only libraries.
+pub fn workspace_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    // Test binaries live in target/<profile>/deps; binaries one level up.
+    let dir =
+        exe.parent().and_then(Path::parent).ok_or_else(|| anyhow::anyhow!("no target dir above {}", exe.display()))?;
+    let bin = dir.join(name);
+    {
+        let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .args(["build", "--quiet", "--bin", name])
+            .status()?;
+        anyhow::ensure!(status.success() && bin.exists(), "cannot build {name}");
+    }
+    Ok(bin)
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, or gives up after `timeout`.
