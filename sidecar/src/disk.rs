@@ -281,8 +281,9 @@ mod tests {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let mut base = BTreeMap::new();
         base.insert(0, ZERO.to_owned());
-        let Folded { map, stored, copied, created } =
-            fold("n", &target, &base, 1 << 20, &blocks, &mut policy).expect("fold");
+        let mut created = Vec::new();
+        let Folded { map, stored, copied } =
+            fold("n", &target, &base, 1 << 20, &blocks, &mut policy, &mut created).expect("fold");
         assert_eq!(copied, 2 * CHUNK);
         assert_eq!(map.len(), 3);
         assert_eq!(map[&5], ZERO);
