@@ -20,7 +20,12 @@ async fn take(g: &Guest, store: &Store, opts: &Options) -> anyhow::Result<sideca
     Ok(checkpoint::checkpoint(&qmp, store, &g.name, opts, &mut |m| eprintln!("  {m}")).await?)
 }
 
-async fn restore_and_adopt(g: &Guest, store: &Store, id: u64, paused: bool) -> anyhow::Result<(Guest, restore::Report)> {
+async fn restore_and_adopt(
+    g: &Guest,
+    store: &Store,
+    id: u64,
+    paused: bool,
+) -> anyhow::Result<(Guest, restore::Report)> {
     let r = restore::restore(store, &g.name, Some(id), paused, &mut |m| eprintln!("  {m}")).await?;
     Ok((g.adopt(r.pid).await?, r))
 }
@@ -37,7 +42,13 @@ async fn journal_guest_restores_consistently_from_every_checkpoint() -> anyhow::
     for i in 0..3 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let m = take(&guest, &store, &Options::default()).await?;
-        eprintln!("checkpoint {}: mode {}, pause {:.1} ms, stored {} KiB", m.id, m.mode, m.timings.pause_ms, m.bytes_stored >> 10);
+        eprintln!(
+            "checkpoint {}: mode {}, pause {:.1} ms, stored {} KiB",
+            m.id,
+            m.mode,
+            m.timings.pause_ms,
+            m.bytes_stored >> 10
+        );
         assert_eq!(m.mode, "background-snapshot", "{:?}", m.mode_reason);
         assert_eq!(m.disks.len(), 1);
         assert_eq!(m.disks[0].full, i == 0, "first copy full, later ones incremental: {:?}", m.disks[0].full_reason);
@@ -74,7 +85,12 @@ async fn dirtier_resumes_where_it_was_and_incremental_memory_is_small() -> anyho
     let m = take(&guest, &store, &Options::default()).await?;
     let after = guest.control().request("status", T).await?;
     let ram = m.ram_bytes;
-    eprintln!("first checkpoint stored {} KiB, second {} KiB of {} MiB RAM", first.bytes_stored >> 10, m.memory.bytes_stored >> 10, ram >> 20);
+    eprintln!(
+        "first checkpoint stored {} KiB, second {} KiB of {} MiB RAM",
+        first.bytes_stored >> 10,
+        m.memory.bytes_stored >> 10,
+        ram >> 20
+    );
     assert!(m.memory.bytes_stored < ram / 4, "the second checkpoint stored {} bytes", m.memory.bytes_stored);
     guest.kill();
     let (restored, _) = restore_and_adopt(&guest, &store, m.id, false).await?;

@@ -87,7 +87,7 @@ async fn an_unwritable_store_and_a_full_disk_abort_cleanly() -> anyhow::Result<(
     let first = checkpoint::checkpoint(&qmp, &store, "full", &Options::default(), &mut |_| {}).await?;
     // Leave less room than the next checkpoint needs (the dirtier rewrites 24 MiB).
     let free = nix::sys::statvfs::statvfs(fs.path())?;
-    let avail = free.blocks_available() as u64 * free.fragment_size() as u64;
+    let avail = free.blocks_available() * free.fragment_size();
     let ballast = fs.path().join("ballast");
     std::fs::write(&ballast, vec![1u8; (avail.saturating_sub(4 << 20)) as usize])?;
     let used_before = du(fs.path());
@@ -128,7 +128,7 @@ async fn quit(g: &mut Guest) -> anyhow::Result<()> {
 }
 
 fn du(p: &std::path::Path) -> u64 {
-    nix::sys::statvfs::statvfs(p).map(|s| (s.blocks() - s.blocks_free()) as u64 * s.fragment_size() as u64).unwrap_or(0)
+    nix::sys::statvfs::statvfs(p).map(|s| (s.blocks() - s.blocks_free()) * s.fragment_size()).unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
