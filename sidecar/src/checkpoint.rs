@@ -284,7 +284,19 @@ pub async fn checkpoint(
     ));
 
     let mut undo = Undo::default();
-    let result = take(qmp, store, name, id, &ident, opts, started, &mut undo, progress).await;
+    let mut result = take(qmp, store, name, id, &ident, opts, None, started, &mut undo, progress).await;
+    // Some refusals of background-snapshot come only at `migrate` (memory backends
+    // without userfaultfd write-protect): undo, and cut again by stop-and-copy.
+    if let Err(CheckpointError::Qemu { step: "migrate", source: source @ QmpError::Qemu { .. } }) = &result
+        && !opts.stop_and_copy
+    {
+        let reason = format!("background-snapshot refused: {source}");
+        tracing::warn!(vm = name, %reason, "falling back to stop-and-copy");
+        progress(&format!("{reason}; falling back to stop-and-copy"));
+        std::mem::take(&mut undo).run(qmp, store).await;
+        let fallback = Options { stop_and_copy: true, ..opts.clone() };
+        result = take(qmp, store, name, id, &ident, &fallback, Some(reason), started, &mut undo, progress).await;
+    }
     match result {
         Ok(mut manifest) => {
             let t = Instant::now();
@@ -318,6 +330,7 @@ async fn take(
     id: u64,
     ident: &VmIdentity,
     opts: &Options,
+    fallback_reason: Option<String>,
     started: Instant,
     undo: &mut Undo,
     progress: &mut dyn FnMut(&str),
@@ -341,7 +354,7 @@ async fn take(
     let mut mode_reason = None;
     let mut caps = vec![json!({"capability": "events", "state": true})];
     let background = if opts.stop_and_copy {
-        mode_reason = Some("stop-and-copy requested".to_owned());
+        mode_reason = Some(fallback_reason.unwrap_or_else(|| "stop-and-copy requested".to_owned()));
         caps.push(json!({"capability": "background-snapshot", "state": false}));
         false
     } else {
