@@ -1,7 +1,9 @@
 //! Dirtier mode: rewrite successive 4 KiB pages of a buffer at a fixed rate.
 //!
 //! Each page write stores the current pass number (u64, starting at 1) in the page's first
-//! 8 bytes; `bytes` counts whole pages dirtied (4096 per page write).
+//! 8 bytes and fills the rest with pseudo-random bytes seeded by pass and page, so that
+//! every rewrite is new content a checkpoint must store (no page repeats another, none
+//! compresses); `bytes` counts whole pages dirtied (4096 per page write).
 
 use crate::status::{Event, StatusWriter, fatal_forever};
 use serde_json::Value;
@@ -51,8 +53,9 @@ impl Pages {
         let mut wrapped = 0;
         for _ in 0..n {
             let off = self.next * PAGE;
-            let page = &mut self.buf[off..off + 8];
-            // SAFETY: page is 8 valid, writable bytes and [u8; 8] has alignment 1.
+            let page = &mut self.buf[off..off + PAGE];
+            fastrand::Rng::with_seed(self.pass.rotate_left(32) ^ self.next as u64).fill(&mut page[8..]);
+            // SAFETY: page holds PAGE >= 8 valid, writable bytes and [u8; 8] has alignment 1.
             unsafe { std::ptr::write_volatile(page.as_mut_ptr().cast::<[u8; 8]>(), self.pass.to_le_bytes()) };
             self.next += 1;
             if self.next == self.pages() {
