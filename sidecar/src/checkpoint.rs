@@ -23,7 +23,7 @@ use crate::attach::{self, AttachError, DiskInfo, VmIdentity};
 use crate::disk::{self, CHUNK, DiskError};
 use crate::memory;
 use crate::store::manifest::{Backing, Disk, FORMAT, Manifest, Stream, Timings, ZERO};
-use crate::store::{BlockError, Hash, Policy, Store, StoreError, hash_file};
+use crate::store::{BlockError, Hash, Lock, Policy, Store, StoreError, hash_file};
 
 /// Stream bytes after which RAM pages flow. Before write tracking starts QEMU writes only
 /// the stream header and setup sections (192 bytes for a plain PC guest, a few KiB with
@@ -196,6 +196,8 @@ struct DiskPlan {
 /// What to undo if the checkpoint fails.
 #[derive(Default)]
 struct Undo {
+    /// The mapped-ram file and its fd set.
+    file: Option<(i64, PathBuf)>,
     stopped: bool,
     migrating: bool,
     jobs: Vec<String>,
@@ -234,6 +236,10 @@ impl Undo {
             let _ = qmp.execute_raw("blockdev-del", json!({"node-name": node})).await;
             let _ = std::fs::remove_file(file);
         }
+        if let Some((fdset, path)) = &self.file {
+            let _ = qmp.execute_raw("remove-fd", json!({"fdset-id": fdset})).await;
+            let _ = std::fs::remove_file(path);
+        }
         if self.stopped {
             let _ = qmp.execute_raw("cont", json!({})).await;
         }
@@ -270,7 +276,8 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Takes one checkpoint of the guest behind `qmp` into `store` under `name`.
+/// Takes one checkpoint of the guest behind `qmp` into `store` under `name`: the cut,
+/// then storing, then committing; the bitmaps of earlier checkpoints are retired.
 pub async fn checkpoint(
     qmp: &Qmp,
     store: &Store,
@@ -278,8 +285,47 @@ pub async fn checkpoint(
     opts: &Options,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Manifest, CheckpointError> {
+    let pending = begin(qmp, store, name, opts, progress).await?;
+    let durable = pending.finish(progress).await?;
+    durable.retire(qmp).await;
+    Ok(durable.manifest)
+}
+
+/// A checkpoint whose cut is taken (the guest runs again) and whose data is being stored.
+/// Finish it with [`Pending::finish`] or give it up with [`Pending::abort`].
+pub struct Pending {
+    qmp: Qmp,
+    store: Store,
+    name: String,
+    id: u64,
+    ident: VmIdentity,
+    cut: Cut,
+    undo: Undo,
+    _vm: Lock,
+    shared: Lock,
+}
+
+/// A checkpoint stored durably in the store. Until [`Durable::retire`] the bitmaps of the
+/// checkpoint it builds on stay, so that [`Durable::discard`] can give it up (a cluster
+/// epoch that aborts after this VM's data is durable) without losing incremental copies.
+pub struct Durable {
+    /// The committed manifest.
+    pub manifest: Manifest,
+    old_bitmaps: Vec<(String, String)>,
+    new_bitmaps: Vec<(String, String)>,
+}
+
+/// Takes the cut of a checkpoint of the guest behind `qmp`: returns once the guest runs
+/// again, with memory and disks still being saved.
+pub async fn begin(
+    qmp: &Qmp,
+    store: &Store,
+    name: &str,
+    opts: &Options,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Pending, CheckpointError> {
     let started = Instant::now();
-    let _vm = store.lock_vm(name)?;
+    let vm = store.lock_vm(name)?;
     let shared = store.lock_shared()?;
     let ident = attach::identify(qmp, std::path::Path::new(qmp.target())).await?;
     let id = store.next_id(name)?;
@@ -288,9 +334,8 @@ pub async fn checkpoint(
         ident.ram_bytes >> 20,
         ident.disks.len()
     ));
-
     let mut undo = Undo::default();
-    let mut result = take(qmp, store, name, id, &ident, opts, None, started, &mut undo, progress).await;
+    let mut result = take_cut(qmp, store, name, id, &ident, opts, None, started, &mut undo, progress).await;
     // Some refusals of background-snapshot come only at `migrate` (memory backends
     // without userfaultfd write-protect): undo, and cut again by stop-and-copy.
     if let Err(CheckpointError::Qemu { step: "migrate", source: source @ QmpError::Qemu { .. } }) = &result
@@ -301,26 +346,22 @@ pub async fn checkpoint(
         progress(&format!("{reason}; falling back to stop-and-copy"));
         std::mem::take(&mut undo).run(qmp, store).await;
         let fallback = Options { stop_and_copy: true, ..opts.clone() };
-        result = take(qmp, store, name, id, &ident, &fallback, Some(reason), started, &mut undo, progress).await;
+        result = take_cut(qmp, store, name, id, &ident, &fallback, Some(reason), started, &mut undo, progress).await;
     }
     match result {
-        Ok(mut manifest) => {
-            let t = Instant::now();
-            store.commit(&mut manifest)?;
-            manifest.timings.sync_ms = ms(t.elapsed());
-            drop(shared);
-            // Committed: the bitmaps of the checkpoints this one replaces are no longer
-            // needed; the new ones carry on.
-            for d in &ident.disks {
-                for b in d.bitmaps.iter().filter(|b| b.name.starts_with(BITMAP_PREFIX)) {
-                    let _ = qmp.execute_raw("block-dirty-bitmap-remove", json!({"node": d.node, "name": b.name})).await;
-                }
-            }
-            tracing::info!(vm = name, id, pause_ms = manifest.timings.pause_ms, "checkpoint committed");
-            Ok(manifest)
-        }
+        Ok(cut) => Ok(Pending {
+            qmp: qmp.clone(),
+            store: store.clone(),
+            name: name.to_owned(),
+            id,
+            ident,
+            cut,
+            undo,
+            _vm: vm,
+            shared,
+        }),
         Err(e) => {
-            tracing::warn!(vm = name, id, error = %e, "checkpoint aborted");
+            tracing::warn!(vm = name, id, error = %e, "checkpoint aborted at the cut");
             drop(shared);
             undo.run(qmp, store).await;
             Err(e)
@@ -328,8 +369,110 @@ pub async fn checkpoint(
     }
 }
 
+impl Pending {
+    /// The id the checkpoint will have.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// How long the guest was paused for the cut.
+    pub fn pause_ms(&self) -> f64 {
+        self.cut.pause_ms
+    }
+
+    /// Stores the rest and commits the manifest to the store.
+    pub async fn finish(self, progress: &mut dyn FnMut(&str)) -> Result<Durable, CheckpointError> {
+        let Pending { qmp, store, name, id, ident, cut, mut undo, _vm, shared } = self;
+        let new_bitmaps: Vec<(String, String)> =
+            cut.plans.iter().map(|p| (p.info.node.clone(), p.new_bitmap.clone())).collect();
+        let result = take_rest(&qmp, &store, &name, id, &ident, cut, &mut undo, progress).await;
+        let committed = match result {
+            Ok(mut manifest) => {
+                let t = Instant::now();
+                match store.commit(&mut manifest) {
+                    Ok(_) => {
+                        manifest.timings.sync_ms = ms(t.elapsed());
+                        Ok(manifest)
+                    }
+                    Err(e) => {
+                        undo.bitmaps = new_bitmaps.clone();
+                        Err(CheckpointError::Store(e))
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        };
+        drop(shared);
+        match committed {
+            Ok(manifest) => {
+                tracing::info!(vm = %name, id, pause_ms = manifest.timings.pause_ms, "checkpoint stored");
+                let old_bitmaps = ident
+                    .disks
+                    .iter()
+                    .flat_map(|d| {
+                        d.bitmaps
+                            .iter()
+                            .filter(|b| b.name.starts_with(BITMAP_PREFIX))
+                            .map(move |b| (d.node.clone(), b.name.clone()))
+                    })
+                    .collect();
+                Ok(Durable { manifest, old_bitmaps, new_bitmaps })
+            }
+            Err(e) => {
+                tracing::warn!(vm = %name, id, error = %e, "checkpoint aborted");
+                undo.run(&qmp, &store).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives the checkpoint up: QEMU's jobs are cancelled, its new bitmaps removed, the
+    /// blocks it stored deleted when nothing else uses them.
+    pub async fn abort(self) {
+        let Pending { qmp, store, cut, mut undo, shared, .. } = self;
+        if let Sink::Pipe { saver: Some(saver), .. } = cut.sink {
+            undo.migrating = true;
+            saver.abort();
+        }
+        drop(shared);
+        undo.run(&qmp, &store).await;
+    }
+}
+
+impl Durable {
+    /// The checkpoint is final: the bitmaps of the checkpoints before it go; the next
+    /// checkpoint builds on this one's.
+    pub async fn retire(&self, qmp: &Qmp) {
+        for (node, name) in &self.old_bitmaps {
+            let _ = qmp.execute_raw("block-dirty-bitmap-remove", json!({"node": node, "name": name})).await;
+        }
+    }
+
+    /// The checkpoint is given up after all: its manifest and new bitmaps go, the bitmaps
+    /// of the checkpoint it built on stay, so the next copy is incremental from there.
+    pub async fn discard(&self, qmp: &Qmp, store: &Store) -> Result<(), StoreError> {
+        for (node, name) in &self.new_bitmaps {
+            let _ = qmp.execute_raw("block-dirty-bitmap-remove", json!({"node": node, "name": name})).await;
+        }
+        store.discard(&self.manifest.name, self.manifest.id)
+    }
+}
+
+/// What the cut leaves for the rest of the checkpoint to finish.
+struct Cut {
+    plans: Vec<DiskPlan>,
+    sink: Sink,
+    policy: Policy,
+    events: Events,
+    background: bool,
+    mode_reason: Option<String>,
+    pause_ms: f64,
+    started: Instant,
+}
+
+/// The cut: everything up to the guest running again.
 #[allow(clippy::too_many_arguments)]
-async fn take(
+async fn take_cut(
     qmp: &Qmp,
     store: &Store,
     name: &str,
@@ -340,8 +483,8 @@ async fn take(
     started: Instant,
     undo: &mut Undo,
     progress: &mut dyn FnMut(&str),
-) -> Result<Manifest, CheckpointError> {
-    let mut policy = Policy::new(store.estimates());
+) -> Result<Cut, CheckpointError> {
+    let policy = Policy::new(store.estimates());
     let plans = plan_disks(store, name, id, ident, opts)?;
     for p in &plans {
         disk::create_target(&p.target, p.info.virtual_size)
@@ -383,23 +526,15 @@ async fn take(
         .await
         .map_err(qemu("set migration capabilities"))?;
 
-    // The pipe QEMU writes the migration stream into.
-    let (read_end, write_end) = nix::unistd::pipe().map_err(|e| {
-        CheckpointError::Memory(BlockError::Write { hash: "(pipe)".into(), path: "pipe".into(), source: e.into() })
-    })?;
-    // A larger pipe lets QEMU run ahead of the store by more than 64 KiB.
-    let _ =
-        nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(&write_end), nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
-    qmp.getfd(FD_NAME, std::os::fd::AsFd::as_fd(&write_end)).await.map_err(qemu("pass the migration pipe"))?;
-    drop(write_end);
-    let (count_tx, mut count_rx) = watch::channel(0u64);
-    let blocks = store.blocks().clone();
-    let mut saver_policy = policy.clone();
-    let mut saver = Some(tokio::task::spawn_blocking(move || {
-        let mut created = Vec::new();
-        let r = memory::save_stream(read_end, &blocks, &mut saver_policy, count_tx, &mut created);
-        SaverOut { result: r, policy: saver_policy, created }
-    }));
+    // Where QEMU writes memory and device state: for stop-and-copy a mapped-ram file when
+    // QEMU supports it (pages at fixed offsets, so blocks line up across checkpoints),
+    // else the sequential stream through a pipe. (QEMU 10.0 writes background-snapshot
+    // + mapped-ram files that it then fails to load: "error while loading state ...
+    // kvm-tpr-opt"; so background snapshots stream.)
+    let mut sink = open_sink(qmp, store, name, id, &policy, !background).await?;
+    if let Sink::File { path, fdset } = &sink {
+        undo.file = Some((*fdset, path.clone()));
+    }
 
     // The cut.
     let mut events = Events { stream: qmp.subscribe(), seen: Vec::new() };
@@ -429,7 +564,7 @@ async fn take(
     if !plans.is_empty() {
         cmds.push(("transaction", json!({"actions": actions})));
     }
-    cmds.push(("migrate", json!({"uri": format!("fd:{FD_NAME}")})));
+    cmds.push(("migrate", json!({"uri": sink.uri()})));
     let cut_at = Instant::now();
     let mut results = qmp.execute_raw_pipelined(&cmds).await.into_iter();
     let stopped = results.next().unwrap_or(Ok(Value::Null));
@@ -449,15 +584,13 @@ async fn take(
     tracing::debug!(after_ms = ms(cut_at.elapsed()), "stop, disk cut and migrate done");
     if background {
         // RAM pages flow only after device state is saved and write tracking is on.
-        let flowing = async {
-            let _ = count_rx.wait_for(|n| *n >= RAM_FLOWING).await;
-        };
+        let flowing = sink.ram_flowing();
         tokio::select! {
             _ = flowing => {}
             r = events.wait("MIGRATION", |e| matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled"))) => {
                 let e = r?;
                 if e.data["status"] != "completed" {
-                    return Err(migration_failed(qmp, &mut saver, undo).await);
+                    return Err(migration_failed(qmp, &mut sink, undo).await);
                 }
             }
         }
@@ -466,11 +599,11 @@ async fn take(
             .wait("MIGRATION", |e| matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled")))
             .await?;
         if e.data["status"] != "completed" {
-            return Err(migration_failed(qmp, &mut saver, undo).await);
+            return Err(migration_failed(qmp, &mut sink, undo).await);
         }
     }
     let mut pause_ms = ms(cut_at.elapsed());
-    tracing::debug!(after_ms = pause_ms, stream_bytes = *count_rx.borrow(), "memory cut done");
+    tracing::debug!(after_ms = pause_ms, "memory cut done");
     if was_running {
         qmp.execute_raw("cont", json!({})).await.map_err(qemu("cont"))?;
         undo.stopped = false;
@@ -479,7 +612,22 @@ async fn take(
         pause_ms = (resume.timestamp_us - stop.timestamp_us) as f64 / 1000.0;
     }
     progress(&format!("cut done: guest paused {pause_ms:.1} ms; saving memory while it runs"));
+    Ok(Cut { plans, sink, events, background, mode_reason, pause_ms, started, policy })
+}
 
+/// The rest: memory and disks stored while the guest runs; returns the manifest to commit.
+#[allow(clippy::too_many_arguments)]
+async fn take_rest(
+    qmp: &Qmp,
+    store: &Store,
+    name: &str,
+    id: u64,
+    ident: &VmIdentity,
+    cut: Cut,
+    undo: &mut Undo,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Manifest, CheckpointError> {
+    let Cut { plans, mut sink, mut events, background, mode_reason, pause_ms, started, policy } = cut;
     // Memory: the rest of the stream, while the guest runs.
     let mem_started = Instant::now();
     if background {
@@ -490,17 +638,17 @@ async fn take(
             }
             match e.data["status"].as_str() {
                 Some("completed") => break,
-                Some("failed" | "cancelled") => return Err(migration_failed(qmp, &mut saver, undo).await),
+                Some("failed" | "cancelled") => return Err(migration_failed(qmp, &mut sink, undo).await),
                 _ => {}
             }
         }
     }
     undo.migrating = false;
-    let saver = saver.take().ok_or_else(|| CheckpointError::Migration("saver task already consumed".into()))?;
-    let out = saver.await.map_err(|e| CheckpointError::Migration(format!("saver task: {e}")))?;
+    let out = sink.collect(qmp, store, policy).await?;
+    undo.file = None;
     undo.created.extend(out.created);
     let stream = out.result.map_err(CheckpointError::Memory)?;
-    policy = out.policy;
+    let mut policy = out.policy;
     let memory_ms = ms(mem_started.elapsed());
     progress(&format!("memory saved: {} MiB stream, {} KiB new", stream.bytes >> 20, stream.bytes_stored >> 10));
 
@@ -670,6 +818,137 @@ fn plan_disks(
     Ok(plans)
 }
 
+/// Where QEMU writes the migration.
+enum Sink {
+    /// A mapped-ram file in the store's work directory, passed to QEMU as an fd set.
+    File { path: PathBuf, fdset: i64 },
+    /// A pipe read by a task that stores content-defined chunks as they come.
+    Pipe { saver: Option<tokio::task::JoinHandle<SaverOut>>, count: watch::Receiver<u64> },
+}
+
+/// Sets the migration format and opens where it goes.
+async fn open_sink(
+    qmp: &Qmp,
+    store: &Store,
+    name: &str,
+    id: u64,
+    policy: &Policy,
+    mapped_ram: bool,
+) -> Result<Sink, CheckpointError> {
+    let mapped = qmp
+        .execute_raw(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "mapped-ram", "state": mapped_ram}]}),
+        )
+        .await
+        .and_then(|v| {
+            if mapped_ram {
+                Ok(v)
+            } else {
+                Err(QmpError::Qemu { command: "mapped-ram".into(), class: "Unwanted".into(), desc: String::new() })
+            }
+        });
+    match mapped {
+        Ok(_) => {
+            let path = store.tmp().join(format!("{name}-{id}.ram"));
+            let file = std::fs::File::create(&path).map_err(|source| {
+                CheckpointError::Store(StoreError::Io { what: "cannot create", path: path.clone(), source })
+            })?;
+            let info = qmp
+                .add_fd(std::os::fd::AsFd::as_fd(&file), None, Some("cutline migration"))
+                .await
+                .map_err(qemu("pass the migration file"))?;
+            let fdset = info["fdset-id"].as_i64().unwrap_or(0);
+            Ok(Sink::File { path, fdset })
+        }
+        Err(QmpError::Qemu { .. }) => {
+            tracing::debug!("mapped-ram unavailable; streaming through a pipe");
+            let (read_end, write_end) = nix::unistd::pipe().map_err(|e| {
+                CheckpointError::Memory(BlockError::Write {
+                    hash: "(pipe)".into(),
+                    path: "pipe".into(),
+                    source: e.into(),
+                })
+            })?;
+            // A larger pipe lets QEMU run ahead of the store by more than 64 KiB.
+            let _ = nix::fcntl::fcntl(
+                std::os::fd::AsRawFd::as_raw_fd(&write_end),
+                nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES),
+            );
+            qmp.getfd(FD_NAME, std::os::fd::AsFd::as_fd(&write_end)).await.map_err(qemu("pass the migration pipe"))?;
+            drop(write_end);
+            let (count_tx, count) = watch::channel(0u64);
+            let blocks = store.blocks().clone();
+            let mut saver_policy = policy.clone();
+            let saver = tokio::task::spawn_blocking(move || {
+                let mut created = Vec::new();
+                let r = memory::save_stream(read_end, &blocks, &mut saver_policy, count_tx, &mut created);
+                SaverOut { result: r, policy: saver_policy, created }
+            });
+            Ok(Sink::Pipe { saver: Some(saver), count })
+        }
+        Err(e) => Err(qemu("enable mapped-ram")(e)),
+    }
+}
+
+impl Sink {
+    fn uri(&self) -> String {
+        match self {
+            Sink::File { fdset, .. } => format!("file:/dev/fdset/{fdset}"),
+            Sink::Pipe { .. } => format!("fd:{FD_NAME}"),
+        }
+    }
+
+    /// Resolves once RAM pages are being written, which QEMU does only after the device
+    /// state is saved and RAM is write-protected.
+    async fn ram_flowing(&mut self) {
+        match self {
+            Sink::Pipe { count, .. } => {
+                let _ = count.wait_for(|n| *n >= RAM_FLOWING).await;
+            }
+            Sink::File { path, .. } => {
+                let path = path.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::MetadataExt;
+                    let start = Instant::now();
+                    while start.elapsed() < Duration::from_secs(30) {
+                        if std::fs::metadata(&path).is_ok_and(|m| m.blocks() * 512 >= RAM_FLOWING + (64 << 10)) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                })
+                .await;
+            }
+        }
+    }
+
+    /// After the migration completed: the stored stream.
+    async fn collect(&mut self, qmp: &Qmp, store: &Store, policy: Policy) -> Result<SaverOut, CheckpointError> {
+        match self {
+            Sink::Pipe { saver, .. } => {
+                let task =
+                    saver.take().ok_or_else(|| CheckpointError::Migration("saver task already consumed".into()))?;
+                task.await.map_err(|e| CheckpointError::Migration(format!("saver task: {e}")))
+            }
+            Sink::File { path, fdset } => {
+                let _ = qmp.execute_raw("remove-fd", json!({"fdset-id": fdset})).await;
+                let (path, blocks) = (path.clone(), store.blocks().clone());
+                let mut policy = policy;
+                let out = tokio::task::spawn_blocking(move || {
+                    let mut created = Vec::new();
+                    let r = memory::save_file(&path, &blocks, &mut policy, &mut created);
+                    let _ = std::fs::remove_file(&path);
+                    SaverOut { result: r, policy, created }
+                })
+                .await
+                .map_err(|e| CheckpointError::Migration(format!("saver task: {e}")))?;
+                Ok(out)
+            }
+        }
+    }
+}
+
 /// QMP events with a backlog: a wait takes the first matching event, seen before or
 /// arriving now, and keeps the others for later waits. Cancel-safe (usable in `select!`).
 struct Events {
@@ -710,12 +989,9 @@ impl Events {
 
 /// Why the migration failed: the saver's own error when it stopped reading (the store
 /// failed, e.g. its disk is full), else QEMU's description.
-async fn migration_failed(
-    qmp: &Qmp,
-    saver: &mut Option<tokio::task::JoinHandle<SaverOut>>,
-    undo: &mut Undo,
-) -> CheckpointError {
-    if let Some(task) = saver.take()
+async fn migration_failed(qmp: &Qmp, sink: &mut Sink, undo: &mut Undo) -> CheckpointError {
+    if let Sink::Pipe { saver, .. } = sink
+        && let Some(task) = saver.take()
         && let Ok(Ok(out)) = tokio::time::timeout(Duration::from_secs(5), task).await
     {
         undo.created.extend(out.created);

@@ -199,6 +199,26 @@ pub async fn restore(
         staged.push((tmp, original));
     }
 
+    // A mapped-ram checkpoint is loaded from a file: rebuild it now, before the old guest goes.
+    let ram_file = if m.memory.layout == "mapped-ram" {
+        let path = store.tmp().join(format!("restore-{name}-{id}.ram"));
+        progress(&format!("rebuilding the {} MiB memory file", m.memory.bytes >> 20));
+        let (p, blocks, stream) = (path.clone(), store.blocks().clone(), m.memory.clone());
+        let r = tokio::task::spawn_blocking(move || memory::restore_file(&p, &blocks, &stream))
+            .await
+            .map_err(|e| RestoreError::Relaunch(format!("memory task: {e}")))?;
+        if let Err(source) = r {
+            let _ = std::fs::remove_file(&path);
+            for (t, _) in &staged {
+                let _ = std::fs::remove_file(t);
+            }
+            return Err(RestoreError::Damaged { name: name.to_owned(), id, source });
+        }
+        Some(path)
+    } else {
+        None
+    };
+
     // From here the old guest goes away.
     let qmp_path = resolve(&m, &m.qmp);
     let down_at = Instant::now();
@@ -214,7 +234,11 @@ pub async fn restore(
     let log = store.root().join("vms").join(name).join("qemu.log");
     let pid = launch(&m, &log)?;
     // Until it runs the restored guest, the new QEMU is ours: a failure kills it.
-    match load(&m, store, &qmp_path, pid, &log, paused, progress).await {
+    let loaded = load(&m, store, &qmp_path, pid, &log, paused, ram_file.as_deref(), progress).await;
+    if let Some(f) = &ram_file {
+        let _ = std::fs::remove_file(f);
+    }
+    match loaded {
         Ok(pid) => {
             let downtime_ms = down_at.elapsed().as_secs_f64() * 1000.0;
             tracing::info!(vm = name, id, pid, "restored");
@@ -236,6 +260,7 @@ pub async fn restore(
 }
 
 /// Loads the saved state into the relaunched QEMU, adds bitmaps, resumes; returns its pid.
+#[allow(clippy::too_many_arguments)]
 async fn load(
     m: &Manifest,
     store: &Store,
@@ -243,6 +268,7 @@ async fn load(
     pid: i32,
     log: &Path,
     paused: bool,
+    ram_file: Option<&Path>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<i32, RestoreError> {
     let (name, id) = (m.name.as_str(), m.id);
@@ -252,16 +278,40 @@ async fn load(
     qmp.execute_raw("migrate-set-capabilities", json!({"capabilities": [{"capability": "events", "state": true}]}))
         .await
         .map_err(qemu("enable migration events"))?;
-    let (read_end, write_end) = nix::unistd::pipe().map_err(|e| RestoreError::Relaunch(format!("pipe: {e}")))?;
-    qmp.getfd(FD_NAME, std::os::fd::AsFd::as_fd(&read_end)).await.map_err(qemu("pass the state pipe"))?;
-    drop(read_end);
     let mut events = qmp.subscribe();
-    qmp.execute_raw("migrate-incoming", json!({"uri": format!("fd:{FD_NAME}")}))
-        .await
-        .map_err(qemu("migrate-incoming"))?;
     progress(&format!("loading {} MiB of saved state", m.memory.bytes >> 20));
-    let (blocks, stream) = (store.blocks().clone(), m.memory.clone());
-    let feeder = tokio::task::spawn_blocking(move || memory::feed_stream(write_end, &blocks, &stream));
+    let feeder = match ram_file {
+        Some(path) => {
+            qmp.execute_raw(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "mapped-ram", "state": true}]}),
+            )
+            .await
+            .map_err(qemu("enable mapped-ram"))?;
+            let file = std::fs::File::open(path)
+                .map_err(|e| RestoreError::Relaunch(format!("cannot open {}: {e}", path.display())))?;
+            let info = qmp
+                .add_fd(std::os::fd::AsFd::as_fd(&file), None, Some("cutline restore"))
+                .await
+                .map_err(qemu("pass the memory file"))?;
+            let fdset = info["fdset-id"].as_i64().unwrap_or(0);
+            qmp.execute_raw("migrate-incoming", json!({"uri": format!("file:/dev/fdset/{fdset}")}))
+                .await
+                .map_err(qemu("migrate-incoming"))?;
+            None
+        }
+        None => {
+            let (read_end, write_end) =
+                nix::unistd::pipe().map_err(|e| RestoreError::Relaunch(format!("pipe: {e}")))?;
+            qmp.getfd(FD_NAME, std::os::fd::AsFd::as_fd(&read_end)).await.map_err(qemu("pass the state pipe"))?;
+            drop(read_end);
+            qmp.execute_raw("migrate-incoming", json!({"uri": format!("fd:{FD_NAME}")}))
+                .await
+                .map_err(qemu("migrate-incoming"))?;
+            let (blocks, stream) = (store.blocks().clone(), m.memory.clone());
+            Some(tokio::task::spawn_blocking(move || memory::feed_stream(write_end, &blocks, &stream)))
+        }
+    };
     let done = events
         .wait_for(
             "MIGRATION",
@@ -270,7 +320,10 @@ async fn load(
         )
         .await
         .map_err(qemu("wait for the incoming migration"))?;
-    let fed = feeder.await.map_err(|e| RestoreError::Incoming(format!("feeder task: {e}")))?;
+    let fed = match feeder {
+        Some(f) => f.await.map_err(|e| RestoreError::Incoming(format!("feeder task: {e}")))?.map(|_| ()),
+        None => Ok(()),
+    };
     if done.data["status"] != "completed" {
         let why = qmp
             .execute_raw("query-migrate", json!({}))

@@ -58,6 +58,11 @@ pub struct Manifest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Stream {
+    /// `mapped-ram`: QEMU's file format with every RAM page at a fixed offset, stored as
+    /// fixed-size blocks ([`ZERO`] for holes); `stream`: the sequential migration stream,
+    /// stored as content-defined blocks.
+    #[serde(default = "stream_layout")]
+    pub layout: String,
     /// Total length.
     pub bytes: u64,
     /// Blocks in order: (hash, length).
@@ -97,6 +102,10 @@ pub struct Disk {
     pub bytes_stored: u64,
     /// Bytes QEMU copied for this disk (the dirty clusters, or everything when full).
     pub bytes_copied: u64,
+}
+
+fn stream_layout() -> String {
+    "stream".to_owned()
 }
 
 /// The hash recorded for an all-zero chunk (never stored as a block).
@@ -210,7 +219,7 @@ pub(crate) mod tests {
             cwd: None,
             qmp: "/tmp/q.sock".into(),
             pidfile: None,
-            memory: Stream { bytes: 3, blocks: vec![("a".repeat(64), 3)], bytes_stored: 3 },
+            memory: Stream { layout: "stream".into(), bytes: 3, blocks: vec![("a".repeat(64), 3)], bytes_stored: 3 },
             disks: vec![],
             timings: Timings::default(),
             bytes_stored: 3,

@@ -271,6 +271,20 @@ impl Store {
         Ok(path)
     }
 
+    /// Removes checkpoint `id` of `name` (a checkpoint its cluster did not commit); its
+    /// blocks go at the next gc.
+    pub fn discard(&self, name: &str, id: u64) -> Result<(), StoreError> {
+        let path = self.manifest_path(name, id);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(StoreError::Io { what: "cannot remove", path, source: e });
+            }
+            _ => {}
+        }
+        let dir = self.vm_dir(name);
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", &dir))
+    }
+
     /// Compression estimates kept across runs (defaults when none are saved).
     pub fn estimates(&self) -> Estimates {
         std::fs::read(self.root.join("estimates.json"))
