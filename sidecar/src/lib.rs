@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod disk;
 pub mod memory;
 pub mod process;
+pub mod proto;
 pub mod restore;
 pub mod store;
 
