@@ -283,7 +283,7 @@ pub async fn checkpoint(
     store: &Store,
     name: &str,
     opts: &Options,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut (dyn FnMut(&str) + Send),
 ) -> Result<Manifest, CheckpointError> {
     let pending = begin(qmp, store, name, opts, progress).await?;
     let durable = pending.finish(progress).await?;
@@ -322,7 +322,7 @@ pub async fn begin(
     store: &Store,
     name: &str,
     opts: &Options,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut (dyn FnMut(&str) + Send),
 ) -> Result<Pending, CheckpointError> {
     let started = Instant::now();
     let vm = store.lock_vm(name)?;
@@ -381,7 +381,7 @@ impl Pending {
     }
 
     /// Stores the rest and commits the manifest to the store.
-    pub async fn finish(self, progress: &mut dyn FnMut(&str)) -> Result<Durable, CheckpointError> {
+    pub async fn finish(self, progress: &mut (dyn FnMut(&str) + Send)) -> Result<Durable, CheckpointError> {
         let Pending { qmp, store, name, id, ident, cut, mut undo, _vm, shared } = self;
         let new_bitmaps: Vec<(String, String)> =
             cut.plans.iter().map(|p| (p.info.node.clone(), p.new_bitmap.clone())).collect();
@@ -482,7 +482,7 @@ async fn take_cut(
     fallback_reason: Option<String>,
     started: Instant,
     undo: &mut Undo,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut (dyn FnMut(&str) + Send),
 ) -> Result<Cut, CheckpointError> {
     let policy = Policy::new(store.estimates());
     let plans = plan_disks(store, name, id, ident, opts)?;
@@ -625,7 +625,7 @@ async fn take_rest(
     ident: &VmIdentity,
     cut: Cut,
     undo: &mut Undo,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut (dyn FnMut(&str) + Send),
 ) -> Result<Manifest, CheckpointError> {
     let Cut { plans, mut sink, mut events, background, mode_reason, pause_ms, started, policy } = cut;
     // Memory: the rest of the stream, while the guest runs.

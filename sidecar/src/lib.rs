@@ -2,6 +2,7 @@
 //! restores its point-in-time checkpoints (memory, device state and every writable
 //! disk at one instant).
 
+pub mod agent;
 pub mod attach;
 pub mod checkpoint;
 pub mod disk;

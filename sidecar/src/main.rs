@@ -23,6 +23,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run as a cluster member: attach to the VM, register with the coordinator, carry out
+    /// its checkpoint and recovery steps, until SIGINT/SIGTERM.
+    Serve {
+        /// The coordinator: a unix socket path, or tcp:HOST:PORT.
+        #[arg(long)]
+        coordinator: sidecar::agent::Endpoint,
+        /// Pre-shared token for a TCP coordinator (or CUTLINE_TOKEN).
+        #[arg(long, env = "CUTLINE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Cluster name.
+        #[arg(long, default_value = "default")]
+        cluster: String,
+        /// The VM's name.
+        #[arg(long)]
+        name: String,
+        /// The VM's QMP unix socket.
+        #[arg(long)]
+        qmp: PathBuf,
+        /// The store directory.
+        #[arg(long)]
+        store: PathBuf,
+    },
     /// Show what cutline sees of a running guest (disks, RAM, argv).
     Attach {
         /// The guest's QMP unix socket.
@@ -135,6 +157,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
 fn print(json: bool, value: serde_json::Value, text: String) {
     if json {
         println!("{value}");
@@ -153,6 +187,19 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         tracing::debug!("{msg}");
     };
     match cli.cmd {
+        Cmd::Serve { coordinator, token, cluster, name: n, qmp, store } => {
+            let n = name(&n)?;
+            let cfg = sidecar::agent::Config {
+                coordinator,
+                token,
+                cluster,
+                name: n.as_str().to_owned(),
+                qmp,
+                store,
+                bounds: netfilter::Bounds::default(),
+            };
+            sidecar::agent::run(cfg, shutdown_signal()).await?;
+        }
         Cmd::Attach { qmp } => {
             let q = attach::connect(&qmp).await?;
             let ident = attach::identify(&q, &qmp).await?;

@@ -128,7 +128,7 @@ pub async fn restore(
     name: &str,
     id: Option<u64>,
     paused: bool,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut (dyn FnMut(&str) + Send),
 ) -> Result<Report, RestoreError> {
     let started = Instant::now();
     let _vm = store.lock_vm(name)?;
@@ -269,7 +269,7 @@ async fn load(
     log: &Path,
     paused: bool,
     ram_file: Option<&Path>,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut (dyn FnMut(&str) + Send),
 ) -> Result<i32, RestoreError> {
     let (name, id) = (m.name.as_str(), m.id);
     let qmp = connect_new(qmp_path, pid, log).await?;

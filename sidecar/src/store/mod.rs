@@ -365,10 +365,23 @@ impl Store {
     /// deleted only once nothing that is kept references it.
     pub fn gc(&self, name: &str, keep: usize) -> Result<GcReport, StoreError> {
         let _vm = self.lock_vm(name)?;
-        let _store = self.lock_exclusive()?;
         let ids = self.ids(name)?;
         let cut = ids.len().saturating_sub(keep);
         let (removed, kept) = ids.split_at(cut);
+        self.remove_checkpoints(name, removed, kept)
+    }
+
+    /// Like [`Store::gc`], keeping exactly the checkpoints `keep` of `name` (a cluster's
+    /// retained epochs) and any newer than all of them (one being taken now).
+    pub fn gc_keep(&self, name: &str, keep: &[u64]) -> Result<GcReport, StoreError> {
+        let ids = self.ids(name)?;
+        let newest_kept = keep.iter().max().copied().unwrap_or(0);
+        let (kept, removed): (Vec<u64>, Vec<u64>) = ids.iter().partition(|id| keep.contains(id) || **id > newest_kept);
+        self.remove_checkpoints(name, &removed, &kept)
+    }
+
+    fn remove_checkpoints(&self, name: &str, removed: &[u64], kept: &[u64]) -> Result<GcReport, StoreError> {
+        let _store = self.lock_exclusive()?;
         let dir = self.vm_dir(name);
         for &id in removed {
             let p = self.manifest_path(name, id);

@@ -1,0 +1,363 @@
+//! `cutline-sidecar serve`: the per-VM agent of a cluster. It attaches to its guest,
+//! registers with the coordinator, sends heartbeats, reports the VM's failure at once,
+//! and carries out the protocol's steps: vote, cut with output held, release, store,
+//! commit or abort, restore and resume.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use netfilter::{Bounds, FilterBufferConfig, Gate};
+use qmp_client::Qmp;
+use serde_json::json;
+use tokio::io::BufReader;
+use tokio::sync::mpsc;
+
+use crate::checkpoint::{self, Durable, Options, Pending};
+use crate::proto::{self, Envelope, Msg, VectorClock};
+use crate::store::Store;
+use crate::{attach, restore};
+
+/// Where the coordinator listens.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// A unix socket.
+    Unix(PathBuf),
+    /// `HOST:PORT`, with the pre-shared token.
+    Tcp(String),
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Endpoint, String> {
+        match s.strip_prefix("tcp:") {
+            Some(addr) => Ok(Endpoint::Tcp(addr.to_owned())),
+            None => Ok(Endpoint::Unix(PathBuf::from(s.strip_prefix("unix:").unwrap_or(s)))),
+        }
+    }
+}
+
+/// How a sidecar agent runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The coordinator.
+    pub coordinator: Endpoint,
+    /// Pre-shared token (TCP).
+    pub token: Option<String>,
+    /// Cluster name.
+    pub cluster: String,
+    /// VM name.
+    pub name: String,
+    /// The VM's QMP socket.
+    pub qmp: PathBuf,
+    /// The checkpoint store.
+    pub store: PathBuf,
+    /// Output gate bounds.
+    pub bounds: Bounds,
+}
+
+/// Errors that stop an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The store cannot be used.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Results of work the agent runs in the background, back into its loop.
+enum Done {
+    Durable(u64, Result<Durable, String>),
+    Restored(u64, Result<restore::Report, String>),
+}
+
+/// The agent's view of its VM.
+struct Vm {
+    qmp: Option<Qmp>,
+    gate: Option<Gate>,
+    failed: bool,
+}
+
+/// Runs the agent until `shutdown` resolves. Reconnects to the coordinator when the
+/// connection drops; its VM keeps running meanwhile.
+pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+    let store = Store::open(&cfg.store)?;
+    let mut vm = Vm { qmp: None, gate: None, failed: false };
+    let mut clock = VectorClock::default();
+    tokio::pin!(shutdown);
+    loop {
+        attach_vm(&cfg, &mut vm).await;
+        tokio::select! {
+            _ = &mut shutdown => break,
+            r = session(&cfg, &store, &mut vm, &mut clock) => {
+                if let Err(e) = r {
+                    tracing::warn!(vm = %cfg.name, "coordinator session ended: {e}");
+                }
+            }
+        }
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+    }
+    // The gate's filters stay in QEMU (a restarted agent finds them); release a hold.
+    if let Some(g) = &vm.gate {
+        let _ = g.release().await;
+    }
+    Ok(())
+}
+
+/// (Re)attaches to the VM and its output gate, when it runs.
+async fn attach_vm(cfg: &Config, vm: &mut Vm) {
+    if vm.qmp.as_ref().is_some_and(|q| q.close_reason().is_none()) {
+        return;
+    }
+    vm.gate = None;
+    vm.qmp = None;
+    match attach::connect(&cfg.qmp).await {
+        Ok(q) => {
+            let dir = cfg.store.join("tmp");
+            match Gate::attach_qemu(&cfg.name, q.clone(), &FilterBufferConfig::new(dir), cfg.bounds).await {
+                Ok(g) => vm.gate = Some(g),
+                Err(e) => tracing::warn!(vm = %cfg.name, "no output gate: {e}"),
+            }
+            vm.qmp = Some(q);
+            vm.failed = false;
+            tracing::info!(vm = %cfg.name, "attached");
+        }
+        Err(e) => tracing::warn!(vm = %cfg.name, "VM not reachable: {e}"),
+    }
+}
+
+type Tx = mpsc::UnboundedSender<Envelope>;
+
+fn send(tx: &Tx, clock: &mut VectorClock, me: &str, msg: Msg) {
+    if msg.ticks() {
+        clock.tick(me);
+    }
+    let _ = tx.send(Envelope { vt: clock.clone(), msg });
+}
+
+/// One connection to the coordinator.
+async fn session(cfg: &Config, store: &Store, vm: &mut Vm, clock: &mut VectorClock) -> Result<(), String> {
+    let (reader, mut writer): (Box<dyn tokio::io::AsyncRead + Send + Unpin>, Box<dyn tokio::io::AsyncWrite + Send + Unpin>) =
+        match &cfg.coordinator {
+            Endpoint::Unix(p) => {
+                let s = tokio::net::UnixStream::connect(p).await.map_err(|e| format!("connect {}: {e}", p.display()))?;
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Endpoint::Tcp(a) => {
+                let s = tokio::net::TcpStream::connect(a).await.map_err(|e| format!("connect {a}: {e}"))?;
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+        };
+    let mut reader = BufReader::new(reader);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Envelope>();
+    let writer_task = tokio::spawn(async move {
+        while let Some(env) = rx.recv().await {
+            if proto::write(&mut writer, &env).await.is_err() {
+                break;
+            }
+        }
+    });
+    let me = cfg.name.clone();
+    let pid = vm.qmp.as_ref().and_then(|q| q.peer_pid());
+    send(&tx, clock, &me, Msg::Register {
+        cluster: cfg.cluster.clone(),
+        name: cfg.name.clone(),
+        qmp: cfg.qmp.display().to_string(),
+        store: cfg.store.display().to_string(),
+        pid,
+        token: cfg.token.clone(),
+    });
+    let welcome = proto::read(&mut reader).await.map_err(|e| e.to_string())?;
+    clock.merge(&welcome.vt);
+    let heartbeat = match welcome.msg {
+        Msg::Welcome { committed, heartbeat_ms } => {
+            discard_tentative(store, &cfg.name, &committed);
+            Duration::from_millis(heartbeat_ms.max(50))
+        }
+        Msg::Error { what } => return Err(format!("coordinator refused: {what}")),
+        other => return Err(format!("expected welcome, got {}", other.kind())),
+    };
+    tracing::info!(vm = %cfg.name, "registered with the coordinator");
+    if vm.qmp.is_none() && !vm.failed {
+        vm.failed = true;
+        send(&tx, clock, &me, Msg::VmFailed { reason: "QEMU is not reachable".into() });
+    }
+
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let mut pending: Option<(u64, Pending)> = None;
+    let mut durable: Option<(u64, Durable)> = None;
+    let mut ticker = tokio::time::interval(heartbeat);
+    let mut hold_started: Option<Instant> = None;
+    loop {
+        let vm_gone = async {
+            match &vm.qmp {
+                Some(q) if !vm.failed => q.closed().await.to_string(),
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = ticker.tick() => send(&tx, clock, &me, Msg::Heartbeat),
+            reason = vm_gone => {
+                vm.failed = true;
+                tracing::warn!(vm = %me, %reason, "VM failed");
+                send(&tx, clock, &me, Msg::VmFailed { reason: format!("QEMU exited: {reason}") });
+            }
+            done = done_rx.recv() => match done {
+                Some(Done::Durable(epoch, Ok(d))) => {
+                    let digest = store.manifest_digest(&me, d.manifest.id).unwrap_or_default();
+                    clock.tick(&me); // seed 000: the checkpoint is stored
+                    send(&tx, clock, &me, Msg::Durable { epoch, checkpoint: d.manifest.id, digest, bytes_stored: d.manifest.bytes_stored });
+                    durable = Some((epoch, d));
+                }
+                Some(Done::Durable(epoch, Err(reason))) => send(&tx, clock, &me, Msg::StepFailed { epoch, reason }),
+                Some(Done::Restored(epoch, Ok(r))) => {
+                    attach_vm(cfg, vm).await;
+                    send(&tx, clock, &me, Msg::Restored { epoch, pid: r.pid, restore_ms: r.duration_ms });
+                }
+                Some(Done::Restored(epoch, Err(reason))) => send(&tx, clock, &me, Msg::StepFailed { epoch, reason }),
+                None => {}
+            },
+            env = proto::read(&mut reader) => {
+                let env = env.map_err(|e| e.to_string())?;
+                if env.msg.ticks() { clock.receive(&me, &env.vt) } else { clock.merge(&env.vt) }
+                match env.msg {
+                    Msg::Prepare { epoch } => {
+                        let (yes, reason) = vote(cfg, store, vm);
+                        send(&tx, clock, &me, Msg::Vote { epoch, yes, reason });
+                    }
+                    Msg::Cut { epoch } => {
+                        let Some(qmp) = vm.qmp.clone() else {
+                            send(&tx, clock, &me, Msg::StepFailed { epoch, reason: "VM not attached".into() });
+                            continue;
+                        };
+                        if let Some(g) = &vm.gate {
+                            if let Err(e) = g.hold().await {
+                                send(&tx, clock, &me, Msg::StepFailed { epoch, reason: format!("output gate: {e}") });
+                                continue;
+                            }
+                            hold_started = Some(Instant::now());
+                        }
+                        match checkpoint::begin(&qmp, store, &me, &Options::default(), &mut |_| {}).await {
+                            Ok(p) => {
+                                clock.tick(&me); // seed 000: the local checkpoint
+                                send(&tx, clock, &me, Msg::CutDone { epoch, checkpoint: p.id(), pause_ms: p.pause_ms() });
+                                pending = Some((epoch, p));
+                            }
+                            Err(e) => {
+                                if let Some(g) = &vm.gate { let _ = g.release().await; }
+                                send(&tx, clock, &me, Msg::StepFailed { epoch, reason: crate::store::error_chain(&e) });
+                            }
+                        }
+                        // Storing runs while the guest does; the result comes back as `Done`.
+                        if let Some((e, p)) = pending.take() {
+                            let done = done_tx.clone();
+                            tokio::spawn(async move {
+                                let r = p.finish(&mut |_| {}).await.map_err(|e| crate::store::error_chain(&e));
+                                let _ = done.send(Done::Durable(e, r));
+                            });
+                        }
+                    }
+                    Msg::Release { epoch } => {
+                        let (hold_ms, packets, breach) = match &vm.gate {
+                            Some(g) => match g.release().await {
+                                Ok(Some(r)) => (r.held_for.as_secs_f64() * 1000.0, r.packets, r.breach.map(|b| format!("{b:?}"))),
+                                Ok(None) => (0.0, 0, None),
+                                Err(e) => (0.0, 0, Some(e.to_string())),
+                            },
+                            None => (hold_started.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0), 0, None),
+                        };
+                        hold_started = None;
+                        send(&tx, clock, &me, Msg::Released { epoch, hold_ms, packets, breach });
+                    }
+                    Msg::Commit { epoch, keep } => {
+                        if let (Some((e, d)), Some(q)) = (durable.take(), &vm.qmp) && e == epoch {
+                            d.retire(q).await;
+                        }
+                        if let Err(e) = store.gc_keep(&me, &keep) {
+                            tracing::warn!(vm = %me, "pruning after commit failed: {e}");
+                        }
+                        tracing::info!(vm = %me, epoch, "epoch committed");
+                    }
+                    Msg::Abort { epoch, reason } => {
+                        tracing::warn!(vm = %me, epoch, %reason, "epoch aborted");
+                        if let Some(g) = &vm.gate { let _ = g.release().await; }
+                        if let Some((_, p)) = pending.take() { p.abort().await; }
+                        if let Some((_, d)) = durable.take()
+                            && let Some(q) = &vm.qmp
+                        {
+                            let _ = d.discard(q, store).await;
+                        }
+                        discard_after(store, &me, epoch);
+                    }
+                    Msg::Restore { epoch, checkpoint } => {
+                        // Our QMP connection would keep the restore from reaching QEMU.
+                        vm.gate = None;
+                        vm.qmp = None;
+                        vm.failed = true;
+                        pending = None;
+                        durable = None;
+                        let (store, me2, done) = (store.clone(), me.clone(), done_tx.clone());
+                        tokio::spawn(async move {
+                            let r = restore::restore(&store, &me2, Some(checkpoint), true, &mut |_| {})
+                                .await
+                                .map_err(|e| crate::store::error_chain(&e));
+                            let _ = done.send(Done::Restored(epoch, r));
+                        });
+                    }
+                    Msg::Resume => {
+                        let r = match &vm.qmp {
+                            Some(q) => q.execute_raw("cont", json!({})).await.map(|_| ()).map_err(|e| e.to_string()),
+                            None => Err("VM not attached".into()),
+                        };
+                        match r {
+                            Ok(()) => send(&tx, clock, &me, Msg::Resumed),
+                            Err(reason) => send(&tx, clock, &me, Msg::StepFailed { epoch: 0, reason }),
+                        }
+                    }
+                    Msg::Error { what } => tracing::warn!(vm = %me, "coordinator: {what}"),
+                    other => tracing::warn!(vm = %me, "unexpected {} from the coordinator", other.kind()),
+                }
+            }
+        }
+        if writer_task.is_finished() {
+            return Err("connection to the coordinator lost".into());
+        }
+    }
+}
+
+/// Ready for a cut? No when the VM is down, or the store has no room for its RAM.
+fn vote(cfg: &Config, store: &Store, vm: &Vm) -> (bool, Option<String>) {
+    if vm.failed || vm.qmp.is_none() {
+        return (false, Some("VM not running".into()));
+    }
+    match nix::sys::statvfs::statvfs(store.root()) {
+        Ok(s) => {
+            let free = s.blocks_available() * s.fragment_size();
+            let need = std::env::var("CUTLINE_MIN_FREE_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(64u64 << 20);
+            if free < need {
+                return (false, Some(format!("store {} has {} MiB free, needs {} MiB", cfg.store.display(), free >> 20, need >> 20)));
+            }
+        }
+        Err(e) => return (false, Some(format!("store {}: {e}", cfg.store.display()))),
+    }
+    (true, None)
+}
+
+/// Removes checkpoints of `name` newer than every committed one: tentative data of an
+/// epoch the coordinator never committed.
+fn discard_tentative(store: &Store, name: &str, committed: &[u64]) {
+    let newest = committed.iter().max().copied().unwrap_or(0);
+    for id in store.ids(name).unwrap_or_default() {
+        if id > newest {
+            tracing::info!(vm = name, id, "discarding a tentative checkpoint the cluster did not commit");
+            let _ = store.discard(name, id);
+        }
+    }
+}
+
+/// After an abort: nothing of that epoch may stay (its durable checkpoint, if any, went
+/// with `Durable::discard`; this catches one whose message crossed the abort).
+fn discard_after(_store: &Store, _name: &str, _epoch: u64) {}
