@@ -12,7 +12,7 @@ use serde_json::json;
 use tokio::io::BufReader;
 use tokio::sync::mpsc;
 
-use crate::checkpoint::{self, Durable, Options, Pending};
+use crate::checkpoint::{self, Durable, Options, Pending, Prepared};
 use crate::proto::{self, Envelope, Msg, VectorClock};
 use crate::store::Store;
 use crate::{attach, restore};
@@ -65,7 +65,7 @@ pub enum AgentError {
 
 /// Results of work the agent runs in the background, back into its loop.
 enum Done {
-    Durable(u64, Result<Durable, String>),
+    Durable(u64, Result<Box<Durable>, String>),
     Restored(u64, Result<restore::Report, String>),
 }
 
@@ -138,19 +138,21 @@ fn send(tx: &Tx, clock: &mut VectorClock, me: &str, msg: Msg) {
 
 /// One connection to the coordinator.
 async fn session(cfg: &Config, store: &Store, vm: &mut Vm, clock: &mut VectorClock) -> Result<(), String> {
-    let (reader, mut writer): (Box<dyn tokio::io::AsyncRead + Send + Unpin>, Box<dyn tokio::io::AsyncWrite + Send + Unpin>) =
-        match &cfg.coordinator {
-            Endpoint::Unix(p) => {
-                let s = tokio::net::UnixStream::connect(p).await.map_err(|e| format!("connect {}: {e}", p.display()))?;
-                let (r, w) = s.into_split();
-                (Box::new(r), Box::new(w))
-            }
-            Endpoint::Tcp(a) => {
-                let s = tokio::net::TcpStream::connect(a).await.map_err(|e| format!("connect {a}: {e}"))?;
-                let (r, w) = s.into_split();
-                (Box::new(r), Box::new(w))
-            }
-        };
+    let (reader, mut writer): (
+        Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+        Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    ) = match &cfg.coordinator {
+        Endpoint::Unix(p) => {
+            let s = tokio::net::UnixStream::connect(p).await.map_err(|e| format!("connect {}: {e}", p.display()))?;
+            let (r, w) = s.into_split();
+            (Box::new(r), Box::new(w))
+        }
+        Endpoint::Tcp(a) => {
+            let s = tokio::net::TcpStream::connect(a).await.map_err(|e| format!("connect {a}: {e}"))?;
+            let (r, w) = s.into_split();
+            (Box::new(r), Box::new(w))
+        }
+    };
     let mut reader = BufReader::new(reader);
     let (tx, mut rx) = mpsc::unbounded_channel::<Envelope>();
     let writer_task = tokio::spawn(async move {
@@ -162,14 +164,19 @@ async fn session(cfg: &Config, store: &Store, vm: &mut Vm, clock: &mut VectorClo
     });
     let me = cfg.name.clone();
     let pid = vm.qmp.as_ref().and_then(|q| q.peer_pid());
-    send(&tx, clock, &me, Msg::Register {
-        cluster: cfg.cluster.clone(),
-        name: cfg.name.clone(),
-        qmp: cfg.qmp.display().to_string(),
-        store: cfg.store.display().to_string(),
-        pid,
-        token: cfg.token.clone(),
-    });
+    send(
+        &tx,
+        clock,
+        &me,
+        Msg::Register {
+            cluster: cfg.cluster.clone(),
+            name: cfg.name.clone(),
+            qmp: cfg.qmp.display().to_string(),
+            store: cfg.store.display().to_string(),
+            pid,
+            token: cfg.token.clone(),
+        },
+    );
     let welcome = proto::read(&mut reader).await.map_err(|e| e.to_string())?;
     clock.merge(&welcome.vt);
     let heartbeat = match welcome.msg {
@@ -187,8 +194,11 @@ async fn session(cfg: &Config, store: &Store, vm: &mut Vm, clock: &mut VectorClo
     }
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let mut prepared: Option<(u64, Prepared)> = None;
     let mut pending: Option<(u64, Pending)> = None;
     let mut durable: Option<(u64, Durable)> = None;
+    let mut finishing: Option<tokio::task::JoinHandle<()>> = None;
+    let mut aborted: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
     let mut ticker = tokio::time::interval(heartbeat);
     let mut hold_started: Option<Instant> = None;
     loop {
@@ -206,11 +216,18 @@ async fn session(cfg: &Config, store: &Store, vm: &mut Vm, clock: &mut VectorClo
                 send(&tx, clock, &me, Msg::VmFailed { reason: format!("QEMU exited: {reason}") });
             }
             done = done_rx.recv() => match done {
+                Some(Done::Durable(epoch, Ok(d))) if aborted.contains(&epoch) => {
+                    // Stored after its epoch aborted: it must not stay.
+                    match &vm.qmp {
+                        Some(q) => { let _ = d.discard(q, store).await; }
+                        None => { let _ = store.discard(&me, d.manifest.id); }
+                    }
+                }
                 Some(Done::Durable(epoch, Ok(d))) => {
                     let digest = store.manifest_digest(&me, d.manifest.id).unwrap_or_default();
                     clock.tick(&me); // seed 000: the checkpoint is stored
                     send(&tx, clock, &me, Msg::Durable { epoch, checkpoint: d.manifest.id, digest, bytes_stored: d.manifest.bytes_stored });
-                    durable = Some((epoch, d));
+                    durable = Some((epoch, *d));
                 }
                 Some(Done::Durable(epoch, Err(reason))) => send(&tx, clock, &me, Msg::StepFailed { epoch, reason }),
                 Some(Done::Restored(epoch, Ok(r))) => {
@@ -225,22 +242,35 @@ async fn session(cfg: &Config, store: &Store, vm: &mut Vm, clock: &mut VectorClo
                 if env.msg.ticks() { clock.receive(&me, &env.vt) } else { clock.merge(&env.vt) }
                 match env.msg {
                     Msg::Prepare { epoch } => {
-                        let (yes, reason) = vote(cfg, store, vm);
+                        if let Some((_, p)) = prepared.take() { p.abort().await; }
+                        let (mut yes, mut reason) = if finishing.as_ref().is_some_and(|h| !h.is_finished()) {
+                            (false, Some("the previous checkpoint is still being stored".into()))
+                        } else {
+                            vote(cfg, store, vm)
+                        };
+                        // Arm now (targets, capabilities), so that the cut is short.
+                        if yes && let Some(qmp) = vm.qmp.clone() {
+                            match checkpoint::prepare(&qmp, store, &me, &Options::default(), &mut |_| {}).await {
+                                Ok(p) => prepared = Some((epoch, p)),
+                                Err(e) => (yes, reason) = (false, Some(crate::store::error_chain(&e))),
+                            }
+                        }
                         send(&tx, clock, &me, Msg::Vote { epoch, yes, reason });
                     }
                     Msg::Cut { epoch } => {
-                        let Some(qmp) = vm.qmp.clone() else {
-                            send(&tx, clock, &me, Msg::StepFailed { epoch, reason: "VM not attached".into() });
+                        let Some(armed) = prepared.take().filter(|(e, _)| *e == epoch).map(|(_, p)| p) else {
+                            send(&tx, clock, &me, Msg::StepFailed { epoch, reason: "cut without a prepared checkpoint".into() });
                             continue;
                         };
                         if let Some(g) = &vm.gate {
                             if let Err(e) = g.hold().await {
+                                armed.abort().await;
                                 send(&tx, clock, &me, Msg::StepFailed { epoch, reason: format!("output gate: {e}") });
                                 continue;
                             }
                             hold_started = Some(Instant::now());
                         }
-                        match checkpoint::begin(&qmp, store, &me, &Options::default(), &mut |_| {}).await {
+                        match armed.cut(&mut |_| {}).await {
                             Ok(p) => {
                                 clock.tick(&me); // seed 000: the local checkpoint
                                 send(&tx, clock, &me, Msg::CutDone { epoch, checkpoint: p.id(), pause_ms: p.pause_ms() });
@@ -254,10 +284,10 @@ async fn session(cfg: &Config, store: &Store, vm: &mut Vm, clock: &mut VectorClo
                         // Storing runs while the guest does; the result comes back as `Done`.
                         if let Some((e, p)) = pending.take() {
                             let done = done_tx.clone();
-                            tokio::spawn(async move {
-                                let r = p.finish(&mut |_| {}).await.map_err(|e| crate::store::error_chain(&e));
+                            finishing = Some(tokio::spawn(async move {
+                                let r = p.finish(&mut |_| {}).await.map(Box::new).map_err(|e| crate::store::error_chain(&e));
                                 let _ = done.send(Done::Durable(e, r));
-                            });
+                            }));
                         }
                     }
                     Msg::Release { epoch } => {
@@ -283,24 +313,31 @@ async fn session(cfg: &Config, store: &Store, vm: &mut Vm, clock: &mut VectorClo
                     }
                     Msg::Abort { epoch, reason } => {
                         tracing::warn!(vm = %me, epoch, %reason, "epoch aborted");
+                        aborted.insert(epoch);
                         if let Some(g) = &vm.gate { let _ = g.release().await; }
+                        if let Some((_, p)) = prepared.take() { p.abort().await; }
                         if let Some((_, p)) = pending.take() { p.abort().await; }
                         if let Some((_, d)) = durable.take()
                             && let Some(q) = &vm.qmp
                         {
                             let _ = d.discard(q, store).await;
                         }
-                        discard_after(store, &me, epoch);
                     }
                     Msg::Restore { epoch, checkpoint } => {
                         // Our QMP connection would keep the restore from reaching QEMU.
                         vm.gate = None;
                         vm.qmp = None;
                         vm.failed = true;
+                        if let Some((_, p)) = prepared.take() { p.abort().await; }
                         pending = None;
                         durable = None;
                         let (store, me2, done) = (store.clone(), me.clone(), done_tx.clone());
+                        let previous = finishing.take();
                         tokio::spawn(async move {
+                            // A checkpoint still being stored holds the VM's lock: let it end.
+                            if let Some(h) = previous {
+                                let _ = h.await;
+                            }
                             let r = restore::restore(&store, &me2, Some(checkpoint), true, &mut |_| {})
                                 .await
                                 .map_err(|e| crate::store::error_chain(&e));
@@ -338,7 +375,15 @@ fn vote(cfg: &Config, store: &Store, vm: &Vm) -> (bool, Option<String>) {
             let free = s.blocks_available() * s.fragment_size();
             let need = std::env::var("CUTLINE_MIN_FREE_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(64u64 << 20);
             if free < need {
-                return (false, Some(format!("store {} has {} MiB free, needs {} MiB", cfg.store.display(), free >> 20, need >> 20)));
+                return (
+                    false,
+                    Some(format!(
+                        "store {} has {} MiB free, needs {} MiB",
+                        cfg.store.display(),
+                        free >> 20,
+                        need >> 20
+                    )),
+                );
             }
         }
         Err(e) => return (false, Some(format!("store {}: {e}", cfg.store.display()))),
@@ -357,7 +402,3 @@ fn discard_tentative(store: &Store, name: &str, committed: &[u64]) {
         }
     }
 }
-
-/// After an abort: nothing of that epoch may stay (its durable checkpoint, if any, went
-/// with `Durable::discard`; this catches one whose message crossed the abort).
-fn discard_after(_store: &Store, _name: &str, _epoch: u64) {}

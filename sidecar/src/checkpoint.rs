@@ -198,6 +198,8 @@ struct DiskPlan {
 struct Undo {
     /// The mapped-ram file and its fd set.
     file: Option<(i64, PathBuf)>,
+    /// The pipe passed with `getfd` (closed in QEMU so the reader ends).
+    pipe: bool,
     stopped: bool,
     migrating: bool,
     jobs: Vec<String>,
@@ -235,6 +237,9 @@ impl Undo {
         for (node, file) in &self.targets {
             let _ = qmp.execute_raw("blockdev-del", json!({"node-name": node})).await;
             let _ = std::fs::remove_file(file);
+        }
+        if self.pipe {
+            let _ = qmp.execute_raw("closefd", json!({"fdname": FD_NAME})).await;
         }
         if let Some((fdset, path)) = &self.file {
             let _ = qmp.execute_raw("remove-fd", json!({"fdset-id": fdset})).await;
@@ -315,15 +320,31 @@ pub struct Durable {
     new_bitmaps: Vec<(String, String)>,
 }
 
-/// Takes the cut of a checkpoint of the guest behind `qmp`: returns once the guest runs
-/// again, with memory and disks still being saved.
-pub async fn begin(
+/// A checkpoint armed and ready for its cut: targets created, capabilities set. Holding
+/// it holds the VM's lock. Cut it with [`Prepared::cut`] or give it up with [`Prepared::abort`].
+pub struct Prepared {
+    qmp: Qmp,
+    store: Store,
+    name: String,
+    id: u64,
+    ident: VmIdentity,
+    opts: Options,
+    armed: Armed,
+    undo: Undo,
+    started: Instant,
+    vm: Lock,
+    shared: Lock,
+}
+
+/// Arms a checkpoint of the guest behind `qmp` without pausing it: what a cluster member
+/// does when it votes, so that the cut itself (and the time output is held) is short.
+pub async fn prepare(
     qmp: &Qmp,
     store: &Store,
     name: &str,
     opts: &Options,
     progress: &mut (dyn FnMut(&str) + Send),
-) -> Result<Pending, CheckpointError> {
+) -> Result<Prepared, CheckpointError> {
     let started = Instant::now();
     let vm = store.lock_vm(name)?;
     let shared = store.lock_shared()?;
@@ -335,37 +356,86 @@ pub async fn begin(
         ident.disks.len()
     ));
     let mut undo = Undo::default();
-    let mut result = take_cut(qmp, store, name, id, &ident, opts, None, started, &mut undo, progress).await;
-    // Some refusals of background-snapshot come only at `migrate` (memory backends
-    // without userfaultfd write-protect): undo, and cut again by stop-and-copy.
-    if let Err(CheckpointError::Qemu { step: "migrate", source: source @ QmpError::Qemu { .. } }) = &result
-        && !opts.stop_and_copy
-    {
-        let reason = format!("background-snapshot refused: {source}");
-        tracing::warn!(vm = name, %reason, "falling back to stop-and-copy");
-        progress(&format!("{reason}; falling back to stop-and-copy"));
-        std::mem::take(&mut undo).run(qmp, store).await;
-        let fallback = Options { stop_and_copy: true, ..opts.clone() };
-        result = take_cut(qmp, store, name, id, &ident, &fallback, Some(reason), started, &mut undo, progress).await;
-    }
-    match result {
-        Ok(cut) => Ok(Pending {
+    match arm(qmp, store, name, id, &ident, opts, None, &mut undo).await {
+        Ok(armed) => Ok(Prepared {
             qmp: qmp.clone(),
             store: store.clone(),
             name: name.to_owned(),
             id,
             ident,
-            cut,
+            opts: opts.clone(),
+            armed,
             undo,
-            _vm: vm,
+            started,
+            vm,
             shared,
         }),
         Err(e) => {
-            tracing::warn!(vm = name, id, error = %e, "checkpoint aborted at the cut");
             drop(shared);
             undo.run(qmp, store).await;
             Err(e)
         }
+    }
+}
+
+/// Takes the cut of a checkpoint of the guest behind `qmp`: returns once the guest runs
+/// again, with memory and disks still being saved.
+pub async fn begin(
+    qmp: &Qmp,
+    store: &Store,
+    name: &str,
+    opts: &Options,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> Result<Pending, CheckpointError> {
+    prepare(qmp, store, name, opts, progress).await?.cut(progress).await
+}
+
+impl Prepared {
+    /// The id the checkpoint will have.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Pauses the guest for the cut and resumes it; returns with memory and disks still
+    /// being saved.
+    pub async fn cut(self, progress: &mut (dyn FnMut(&str) + Send)) -> Result<Pending, CheckpointError> {
+        let Prepared { qmp, store, name, id, ident, opts, armed, mut undo, started, vm, shared } = self;
+        let background = armed.background;
+        let mut result = fire(&qmp, &ident, armed, started, &mut undo, progress).await;
+        // Some refusals of background-snapshot come only at `migrate` (memory backends
+        // without userfaultfd write-protect): undo, and cut again by stop-and-copy.
+        if let Err(CheckpointError::Qemu { step: "migrate", source: source @ QmpError::Qemu { .. } }) = &result
+            && background
+        {
+            let reason = format!("background-snapshot refused: {source}");
+            tracing::warn!(vm = %name, %reason, "falling back to stop-and-copy");
+            progress(&format!("{reason}; falling back to stop-and-copy"));
+            std::mem::take(&mut undo).run(&qmp, &store).await;
+            let fallback = Options { stop_and_copy: true, ..opts.clone() };
+            result = match arm(&qmp, &store, &name, id, &ident, &fallback, Some(reason), &mut undo).await {
+                Ok(armed) => fire(&qmp, &ident, armed, started, &mut undo, progress).await,
+                Err(e) => Err(e),
+            };
+        }
+        match result {
+            Ok(cut) => Ok(Pending { qmp, store, name, id, ident, cut, undo, _vm: vm, shared }),
+            Err(e) => {
+                tracing::warn!(vm = %name, id, error = %e, "checkpoint aborted at the cut");
+                drop(shared);
+                undo.run(&qmp, &store).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives the armed checkpoint up: targets and capabilities undone, the guest untouched.
+    pub async fn abort(self) {
+        let Prepared { qmp, store, undo, shared, armed, .. } = self;
+        if let Sink::Pipe { saver: Some(saver), .. } = armed.sink {
+            saver.abort();
+        }
+        drop(shared);
+        undo.run(&qmp, &store).await;
     }
 }
 
@@ -470,9 +540,18 @@ struct Cut {
     started: Instant,
 }
 
-/// The cut: everything up to the guest running again.
+/// What is set up before the cut: backup targets, migration capabilities, the sink.
+struct Armed {
+    plans: Vec<DiskPlan>,
+    sink: Sink,
+    background: bool,
+    mode_reason: Option<String>,
+    policy: Policy,
+}
+
+/// Arms a checkpoint: everything that can happen before the guest is paused.
 #[allow(clippy::too_many_arguments)]
-async fn take_cut(
+async fn arm(
     qmp: &Qmp,
     store: &Store,
     name: &str,
@@ -480,10 +559,8 @@ async fn take_cut(
     ident: &VmIdentity,
     opts: &Options,
     fallback_reason: Option<String>,
-    started: Instant,
     undo: &mut Undo,
-    progress: &mut (dyn FnMut(&str) + Send),
-) -> Result<Cut, CheckpointError> {
+) -> Result<Armed, CheckpointError> {
     let policy = Policy::new(store.estimates());
     let plans = plan_disks(store, name, id, ident, opts)?;
     for p in &plans {
@@ -531,11 +608,25 @@ async fn take_cut(
     // else the sequential stream through a pipe. (QEMU 10.0 writes background-snapshot
     // + mapped-ram files that it then fails to load: "error while loading state ...
     // kvm-tpr-opt"; so background snapshots stream.)
-    let mut sink = open_sink(qmp, store, name, id, &policy, !background).await?;
-    if let Sink::File { path, fdset } = &sink {
-        undo.file = Some((*fdset, path.clone()));
+    let sink = open_sink(qmp, store, name, id, &policy, !background).await?;
+    match &sink {
+        Sink::File { path, fdset } => undo.file = Some((*fdset, path.clone())),
+        Sink::Pipe { .. } => undo.pipe = true,
     }
 
+    Ok(Armed { plans, sink, background, mode_reason, policy })
+}
+
+/// The cut: from pausing the guest to it running again.
+async fn fire(
+    qmp: &Qmp,
+    ident: &VmIdentity,
+    armed: Armed,
+    started: Instant,
+    undo: &mut Undo,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> Result<Cut, CheckpointError> {
+    let Armed { plans, mut sink, background, mode_reason, policy } = armed;
     // The cut.
     let mut events = Events { stream: qmp.subscribe(), seen: Vec::new() };
     let was_running = ident.status == "running";

@@ -128,7 +128,10 @@ impl Blocks {
             None => (CODEC_RAW, data),
         };
         let err = |source| BlockError::Write { hash: hash.clone(), path: path.clone(), source };
-        let tmp = self.tmp.join(format!("block-{hash}-{}", std::process::id()));
+        // Unique per writer: several VMs of one process may store the same block at once.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.tmp.join(format!("block-{hash}-{}-{seq}", std::process::id()));
         let write = || -> std::io::Result<()> {
             let mut f = File::create(&tmp)?;
             f.write_all(&[codec])?;
@@ -140,6 +143,10 @@ impl Blocks {
         };
         if let Err(e) = write() {
             let _ = std::fs::remove_file(&tmp);
+            // Another writer stored the same content meanwhile: that is the block.
+            if path.exists() {
+                return Ok(Put { hash, len: data.len() as u64, stored: 0 });
+            }
             return Err(err(e));
         }
         Ok(Put { hash, len: data.len() as u64, stored: payload.len() as u64 + 1 })

@@ -1,0 +1,235 @@
+//! `cutline`: the coordinator daemon, the commands that ask it, and the demo.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use coordinator::server::{self, OutputCommit, Rollback};
+use coordinator::{client, demo};
+use serde_json::Value;
+use sidecar::proto::Request;
+
+/// Globally consistent checkpoints of a cluster of QEMU VMs, and rollback on failure.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// State directory of the coordinator (records and its default socket).
+    #[arg(long, global = true, default_value = "/var/lib/cutline", env = "CUTLINE_STATE")]
+    state: PathBuf,
+    /// The coordinator's address: a unix socket (default STATE/cutline.sock) or tcp:HOST:PORT.
+    #[arg(long, global = true, env = "CUTLINE_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Pre-shared token for TCP.
+    #[arg(long, global = true, env = "CUTLINE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the coordinator.
+    Serve {
+        /// Also listen on TCP (needs --token).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Take a checkpoint every this long (e.g. 2s, 500ms).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        interval: Option<Duration>,
+        /// Committed epochs kept.
+        #[arg(long, default_value_t = 2)]
+        keep: usize,
+        /// What a failure rolls back.
+        #[arg(long, value_enum, default_value = "cluster")]
+        rollback: Rollback,
+        /// When held output is released: after every cut (release) or after the commit (strict).
+        #[arg(long, value_enum, default_value = "release")]
+        output_commit: OutputCommit,
+        /// Heartbeat period of the members.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+        heartbeat: Duration,
+        /// Missing heartbeats for this long fail a member.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+        timeout: Duration,
+    },
+    /// Members, health, last committed epoch, what runs now.
+    Status,
+    /// Take one consistent checkpoint of the cluster now and wait for it.
+    Checkpoint,
+    /// Committed epochs.
+    List,
+    /// Roll the whole cluster back to an epoch (default: the last committed one).
+    Restore {
+        /// The epoch.
+        #[arg(long)]
+        epoch: Option<u64>,
+    },
+    /// Re-hash every block of an epoch's checkpoints.
+    Verify {
+        /// The epoch (default: the last committed one).
+        #[arg(long)]
+        epoch: Option<u64>,
+    },
+    /// Boot 3 guests, checkpoint them, kill one, roll back, check the invariants, report.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cutline: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let json = cli.json;
+    match rt.block_on(run(cli)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(3),
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            if json {
+                println!("{}", serde_json::json!({"error": chain.join(": ")}));
+            } else {
+                eprintln!("cutline: {}", chain.join(": "));
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let addr = cli.coordinator.clone().unwrap_or_else(|| cli.state.join("cutline.sock").display().to_string());
+    let token = cli.token.as_deref();
+    let ask = |r: Request| client::ask(&addr, token, r);
+    let out = |v: &Value, text: String| {
+        if cli.json {
+            println!("{v}");
+        } else {
+            println!("{text}");
+        }
+    };
+    match cli.cmd {
+        Cmd::Serve { listen, interval, keep, rollback, output_commit, heartbeat, timeout } => {
+            std::fs::create_dir_all(&cli.state)?;
+            let mut cfg = server::Config::new(&cli.state);
+            if let Some(a) = cli.coordinator.as_deref().filter(|a| !a.starts_with("tcp:")) {
+                cfg.socket = PathBuf::from(a);
+            }
+            cfg.listen = listen;
+            cfg.token = cli.token.clone();
+            cfg.interval = interval;
+            cfg.keep = keep.max(1);
+            cfg.rollback = rollback;
+            cfg.output_commit = output_commit;
+            cfg.heartbeat = heartbeat;
+            cfg.failure_timeout = timeout;
+            server::run(cfg, shutdown_signal()).await?;
+        }
+        Cmd::Status => {
+            let v = ask(Request::Status).await?;
+            let mut text = format!(
+                "cluster {}: last committed epoch {}, now {}\n",
+                v["cluster"].as_str().unwrap_or(""),
+                v["last_committed"],
+                v["now"]
+            );
+            for m in v["members"].as_array().into_iter().flatten() {
+                text.push_str(&format!(
+                    "  {:<12} {:<28} pid {:<8} heartbeat {:.0} ms ago\n",
+                    m["name"].as_str().unwrap_or(""),
+                    m["health"].as_str().unwrap_or(""),
+                    m["pid"],
+                    m["last_heartbeat_ms"].as_f64().unwrap_or(0.0)
+                ));
+            }
+            out(&v, text.trim_end().to_owned());
+        }
+        Cmd::Checkpoint => {
+            let v = ask(Request::Checkpoint).await?;
+            let mut text = format!(
+                "epoch {} committed (commit {:.2} ms, cut {:.1} ms)\n",
+                v["epoch"],
+                v["commit_ms"].as_f64().unwrap_or(0.0),
+                v["timings"]["cut_ms"].as_f64().unwrap_or(0.0)
+            );
+            for m in v["members"].as_array().into_iter().flatten() {
+                text.push_str(&format!(
+                    "  {:<12} checkpoint {:<6} pause {:>6.1} ms  network hold {:>6.1} ms  stored {} KiB\n",
+                    m["name"].as_str().unwrap_or(""),
+                    m["checkpoint"],
+                    m["pause_ms"].as_f64().unwrap_or(0.0),
+                    m["hold_ms"].as_f64().unwrap_or(0.0),
+                    m["bytes_stored"].as_u64().unwrap_or(0) >> 10
+                ));
+            }
+            out(&v, text.trim_end().to_owned());
+        }
+        Cmd::List => {
+            let v = ask(Request::List).await?;
+            let text = v["epochs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    format!(
+                        "epoch {:>6}  members {}  committed at {}",
+                        r["epoch"],
+                        r["members"].as_array().map_or(0, Vec::len),
+                        r["committed_unix_ms"]
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            out(&v, if text.is_empty() { "no committed epochs".into() } else { text });
+        }
+        Cmd::Restore { epoch } => {
+            let v = ask(Request::Restore { epoch }).await?;
+            out(
+                &v,
+                format!(
+                    "cluster rolled back to epoch {} in {:.0} ms",
+                    v["epoch"],
+                    v["recovery_ms"].as_f64().unwrap_or(0.0)
+                ),
+            );
+        }
+        Cmd::Verify { epoch } => {
+            let v = ask(Request::Verify { epoch }).await?;
+            let ok = v["ok"] == true;
+            out(
+                &v,
+                if ok {
+                    format!("epoch {} verified", v["epoch"])
+                } else {
+                    format!("epoch {} is damaged: {}", v["epoch"], v["damage"])
+                },
+            );
+            return Ok(ok);
+        }
+        Cmd::Demo => {
+            return demo::run(demo::DemoConfig { json: cli.json, ..demo::DemoConfig::default() }).await;
+        }
+    }
+    Ok(true)
+}

@@ -1,0 +1,248 @@
+//! Commit records: the durable catalog of a cluster's committed epochs. Writing an
+//! epoch's record (temp file, fsync, rename, fsync of the directory) is its commit point.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sidecar::proto::VectorClock;
+
+/// The record format this code writes and reads.
+pub const FORMAT: u32 = 1;
+
+/// One member's part of a committed epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberRecord {
+    /// VM name.
+    pub name: String,
+    /// Its checkpoint id in its store.
+    pub checkpoint: u64,
+    /// sha256 of the checkpoint's manifest.
+    pub manifest_digest: String,
+    /// Its store.
+    pub store: String,
+    /// Its QMP socket.
+    pub qmp: String,
+    /// Guest pause for the cut.
+    pub pause_ms: f64,
+    /// How long its output was held.
+    pub hold_ms: f64,
+    /// Packets held.
+    pub packets_held: u64,
+    /// Bytes its checkpoint added to its store.
+    pub bytes_stored: u64,
+    /// Its vector timestamp on its durable message.
+    pub vt: VectorClock,
+}
+
+/// Timings of an epoch.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EpochTimings {
+    /// Prepare sent to the last vote.
+    pub prepare_ms: f64,
+    /// Cut sent to the last cut done.
+    pub cut_ms: f64,
+    /// Cut sent to the last durable.
+    pub durable_ms: f64,
+    /// Writing this record (the commit latency).
+    pub commit_ms: f64,
+    /// Whole epoch.
+    pub total_ms: f64,
+}
+
+/// A committed epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    /// Format version.
+    pub format: u32,
+    /// Cluster name.
+    pub cluster: String,
+    /// Epoch number.
+    pub epoch: u64,
+    /// Wall-clock commit time, ms since the Unix epoch.
+    pub committed_unix_ms: u64,
+    /// Output held until `release` or `strict` (commit).
+    pub output_commit: String,
+    /// The members and their checkpoints.
+    pub members: Vec<MemberRecord>,
+    /// The coordinator's vector timestamp at commit.
+    pub coordinator_vt: VectorClock,
+    /// Timings.
+    pub timings: EpochTimings,
+    /// sha256 of this record serialized with an empty checksum.
+    pub checksum: String,
+}
+
+/// Errors of the catalog.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// A file operation failed.
+    #[error("{what} {path}")]
+    Io {
+        /// What.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A record is damaged or of another format.
+    #[error("commit record {path} is unusable: {why}")]
+    Bad {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+}
+
+impl Record {
+    fn seal(&mut self) {
+        self.checksum.clear();
+        let body = serde_json::to_vec(self).unwrap_or_default();
+        self.checksum = hex(&Sha256::digest(&body));
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The records of one cluster, in `DIR/epochs/`.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    dir: PathBuf,
+}
+
+impl Catalog {
+    /// The catalog under `dir`, created if needed.
+    pub fn open(dir: &Path) -> Result<Catalog, RecordError> {
+        let epochs = dir.join("epochs");
+        std::fs::create_dir_all(&epochs).map_err(|source| RecordError::Io {
+            what: "cannot create",
+            path: epochs.clone(),
+            source,
+        })?;
+        Ok(Catalog { dir: epochs })
+    }
+
+    fn path(&self, epoch: u64) -> PathBuf {
+        self.dir.join(format!("{epoch:010}.json"))
+    }
+
+    /// Committed epoch numbers, oldest first. Temp files of an interrupted commit are not records.
+    pub fn epochs(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).and_then(|n| n.parse().ok()))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Reads and checks a record.
+    pub fn read(&self, epoch: u64) -> Result<Record, RecordError> {
+        let path = self.path(epoch);
+        let data = std::fs::read(&path).map_err(|source| RecordError::Io {
+            what: "cannot read",
+            path: path.clone(),
+            source,
+        })?;
+        let bad = |why: String| RecordError::Bad { path: path.clone(), why };
+        let r: Record = serde_json::from_slice(&data).map_err(|e| bad(e.to_string()))?;
+        if r.format != FORMAT {
+            return Err(bad(format!("format {} (this cutline reads {FORMAT})", r.format)));
+        }
+        let mut copy = r.clone();
+        copy.seal();
+        if copy.checksum != r.checksum {
+            return Err(bad("checksum mismatch".into()));
+        }
+        Ok(r)
+    }
+
+    /// The newest committed records, newest last, at most `n`.
+    pub fn newest(&self, n: usize) -> Vec<Record> {
+        let epochs = self.epochs();
+        epochs.iter().rev().take(n).rev().filter_map(|e| self.read(*e).ok()).collect()
+    }
+
+    /// Commits `record`: temp file, fsync, rename, fsync of the directory.
+    pub fn commit(&self, record: &mut Record) -> Result<(), RecordError> {
+        record.seal();
+        let path = self.path(record.epoch);
+        let tmp = self.dir.join(format!(".{}.tmp", record.epoch));
+        let io = |what: &'static str, p: &Path| {
+            let p = p.to_owned();
+            move |source| RecordError::Io { what, path: p, source }
+        };
+        let mut f = File::create(&tmp).map_err(io("cannot create", &tmp))?;
+        let mut data = serde_json::to_vec_pretty(record)
+            .map_err(|e| RecordError::Bad { path: path.clone(), why: e.to_string() })?;
+        data.push(b'\n');
+        f.write_all(&data).map_err(io("cannot write", &tmp))?;
+        f.sync_all().map_err(io("cannot sync", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io("cannot rename", &path))?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", &self.dir))
+    }
+
+    /// Removes records beyond the newest `keep`, and leftover temp files.
+    pub fn prune(&self, keep: usize) {
+        let epochs = self.epochs();
+        for e in epochs.iter().take(epochs.len().saturating_sub(keep)) {
+            let _ = std::fs::remove_file(self.path(*e));
+        }
+        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().ends_with(".tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(epoch: u64) -> Record {
+        Record {
+            format: FORMAT,
+            cluster: "default".into(),
+            epoch,
+            committed_unix_ms: 1,
+            output_commit: "release".into(),
+            members: vec![],
+            coordinator_vt: VectorClock::default(),
+            timings: EpochTimings { commit_ms: 0.123456789, ..EpochTimings::default() },
+            checksum: String::new(),
+        }
+    }
+
+    #[test]
+    fn commit_read_prune_and_ignore_half_written() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let c = Catalog::open(d.path()).expect("open");
+        for e in 1..=4 {
+            c.commit(&mut record(e)).expect("commit");
+        }
+        // A crash mid-commit leaves a temp file: not a record.
+        std::fs::write(d.path().join("epochs/.5.tmp"), b"{\"format\":1").expect("write");
+        assert_eq!(c.epochs(), vec![1, 2, 3, 4]);
+        assert_eq!(c.read(3).expect("read").epoch, 3);
+        c.prune(2);
+        assert_eq!(c.epochs(), vec![3, 4]);
+        assert_eq!(c.newest(5).len(), 2);
+        let p = d.path().join("epochs/0000000004.json");
+        let text = std::fs::read_to_string(&p).expect("read").replace("\"epoch\": 4", "\"epoch\": 9");
+        std::fs::write(&p, text).expect("write");
+        assert!(matches!(c.read(4), Err(RecordError::Bad { .. })));
+    }
+}
