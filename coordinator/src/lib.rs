@@ -5,5 +5,6 @@
 
 pub mod client;
 pub mod demo;
+pub mod harness;
 pub mod record;
 pub mod server;

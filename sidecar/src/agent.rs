@@ -365,15 +365,28 @@ async fn session(cfg: &Config, store: &Store, vm: &mut Vm, clock: &mut VectorClo
     }
 }
 
-/// Ready for a cut? No when the VM is down, or the store has no room for its RAM.
+/// Least free space in the store for a yes vote.
+const MIN_FREE: u64 = 64 << 20;
+
+/// The file that makes a sidecar refuse epochs (maintenance): `STORE/vms/NAME/no-checkpoints`.
+pub fn refusal_file(store: &std::path::Path, name: &str) -> PathBuf {
+    store.join("vms").join(name).join("no-checkpoints")
+}
+
+/// Ready for a cut? No when the VM is down, the store is short of room, or an operator
+/// asked this VM to sit epochs out ([`refusal_file`]).
 fn vote(cfg: &Config, store: &Store, vm: &Vm) -> (bool, Option<String>) {
     if vm.failed || vm.qmp.is_none() {
         return (false, Some("VM not running".into()));
     }
+    let refusal = refusal_file(store.root(), &cfg.name);
+    if refusal.exists() {
+        return (false, Some(format!("checkpoints refused by {}", refusal.display())));
+    }
     match nix::sys::statvfs::statvfs(store.root()) {
         Ok(s) => {
             let free = s.blocks_available() * s.fragment_size();
-            let need = std::env::var("CUTLINE_MIN_FREE_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(64u64 << 20);
+            let need = MIN_FREE;
             if free < need {
                 return (
                     false,
