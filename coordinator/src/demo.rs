@@ -88,7 +88,12 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<bool> {
     Ok(report["ok"] == true)
 }
 
-async fn scenario(cfg: &DemoConfig, cluster: &mut LocalCluster, say: &dyn Fn(&str), started: Instant) -> anyhow::Result<Value> {
+async fn scenario(
+    cfg: &DemoConfig,
+    cluster: &mut LocalCluster,
+    say: &dyn Fn(&str),
+    started: Instant,
+) -> anyhow::Result<Value> {
     say(&format!("waiting for {} committed epochs", cfg.epochs_before_failure));
     cluster.wait_epochs(cfg.epochs_before_failure, Duration::from_secs(120)).await?;
     let victim = fastrand_index(cluster.guests.len());
@@ -99,7 +104,11 @@ async fn scenario(cfg: &DemoConfig, cluster: &mut LocalCluster, say: &dyn Fn(&st
     let status = cluster.wait_recovered(1, Duration::from_secs(120)).await?;
     let recovery = status["figures"]["recoveries"][0].clone();
     let detected_ms = status["figures"]["detections"][0]["at_unix_ms"].as_u64().unwrap_or(killed_at_ms);
-    say(&format!("rolled back to epoch {} in {:.0} ms", recovery["epoch"], recovery["recovery_ms"].as_f64().unwrap_or(0.0)));
+    say(&format!(
+        "rolled back to epoch {} in {:.0} ms",
+        recovery["epoch"],
+        recovery["recovery_ms"].as_f64().unwrap_or(0.0)
+    ));
     cluster.adopt().await?;
     // Let the cluster trade and checkpoint a while longer, then check.
     tokio::time::sleep(cfg.interval * 2).await;

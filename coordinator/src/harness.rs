@@ -91,14 +91,17 @@ impl LocalCluster {
         let mut config = server::Config::new(&env.dir().join("state"));
         configure(&mut config);
         let socket = config.socket.display().to_string();
-        let mut c = LocalCluster { env, guests, socket, config, _switch: switch, coordinator: None, agents: Vec::new() };
+        let mut c =
+            LocalCluster { env, guests, socket, config, _switch: switch, coordinator: None, agents: Vec::new() };
         c.start_coordinator();
         for i in 0..n {
             c.agents.push(None);
             c.start_agent(i);
         }
         c.wait_status(Duration::from_secs(60), |s| {
-            s["members"].as_array().is_some_and(|m| m.len() == n && m.iter().all(|x| x["health"] == "up" && x["connected"] == true))
+            s["members"]
+                .as_array()
+                .is_some_and(|m| m.len() == n && m.iter().all(|x| x["health"] == "up" && x["connected"] == true))
         })
         .await?;
         Ok(c)
@@ -238,7 +241,9 @@ impl LocalCluster {
             .ask(Request::Status)
             .await
             .ok()
-            .and_then(|s| s["members"].as_array().map(|m| m.iter().filter_map(|x| x["pid"].as_i64()).map(|p| p as i32).collect()))
+            .and_then(|s| {
+                s["members"].as_array().map(|m| m.iter().filter_map(|x| x["pid"].as_i64()).map(|p| p as i32).collect())
+            })
             .unwrap_or_default();
         // The coordinator first, so that stopping sidecars does not look like failures.
         if let Some(t) = self.coordinator.take() {

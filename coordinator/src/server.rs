@@ -503,18 +503,22 @@ impl Actor {
                 }
             }
             Msg::Released { epoch, hold_ms, packets, breach } => {
-                let Phase::Epoch(run) = &mut self.phase else {
+                let current = matches!(&self.phase, Phase::Epoch(run) if run.epoch == epoch);
+                if !current {
+                    // Strict output commit releases after the commit: the epoch is done.
                     self.figures.hold_ms.push(hold_ms);
-                    return;
-                };
-                if run.epoch != epoch {
+                    if let Some(b) = breach {
+                        tracing::warn!(vm = %name, epoch, "output released early after the commit: {b}");
+                    }
                     return;
                 }
                 if let Some(b) = breach {
                     self.abort_epoch(&format!("{name}'s output gate released early: {b}"));
                     return;
                 }
-                run.released.insert(name.to_owned(), (hold_ms, packets));
+                if let Phase::Epoch(run) = &mut self.phase {
+                    run.released.insert(name.to_owned(), (hold_ms, packets));
+                }
                 self.maybe_commit();
             }
             Msg::Durable { epoch, checkpoint, digest, bytes_stored } => {

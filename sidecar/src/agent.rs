@@ -65,8 +65,20 @@ pub enum AgentError {
 
 /// Results of work the agent runs in the background, back into its loop.
 enum Done {
+    Prepared(u64, Result<Box<Prepared>, String>),
     Durable(u64, Result<Box<Durable>, String>),
     Restored(u64, Result<restore::Report, String>),
+}
+
+/// Checkpoint work in flight; it outlives a connection to the coordinator.
+struct Work {
+    prepared: Option<(u64, Prepared)>,
+    pending: Option<(u64, Pending)>,
+    durable: Option<(u64, Durable)>,
+    finishing: Option<tokio::task::JoinHandle<()>>,
+    aborted: std::collections::BTreeSet<u64>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
 }
 
 /// The agent's view of its VM.
@@ -82,16 +94,34 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     let store = Store::open(&cfg.store)?;
     let mut vm = Vm { qmp: None, gate: None, failed: false };
     let mut clock = VectorClock::default();
+    let (done_tx, done_rx) = mpsc::unbounded_channel::<Done>();
+    let mut work = Work {
+        prepared: None,
+        pending: None,
+        durable: None,
+        finishing: None,
+        aborted: Default::default(),
+        done_tx,
+        done_rx,
+    };
     tokio::pin!(shutdown);
     loop {
         attach_vm(&cfg, &mut vm).await;
         tokio::select! {
             _ = &mut shutdown => break,
-            r = session(&cfg, &store, &mut vm, &mut clock) => {
+            r = session(&cfg, &store, &mut vm, &mut clock, &mut work) => {
                 if let Err(e) = r {
                     tracing::warn!(vm = %cfg.name, "coordinator session ended: {e}");
                 }
             }
+        }
+        // The epoch in flight died with the connection: give up what is armed, let the
+        // output go (the coordinator that would release it is gone).
+        if let Some((_, p)) = work.prepared.take() {
+            p.abort().await;
+        }
+        if let Some(g) = &vm.gate {
+            let _ = g.release().await;
         }
         tokio::select! {
             _ = &mut shutdown => break,
@@ -137,7 +167,13 @@ fn send(tx: &Tx, clock: &mut VectorClock, me: &str, msg: Msg) {
 }
 
 /// One connection to the coordinator.
-async fn session(cfg: &Config, store: &Store, vm: &mut Vm, clock: &mut VectorClock) -> Result<(), String> {
+async fn session(
+    cfg: &Config,
+    store: &Store,
+    vm: &mut Vm,
+    clock: &mut VectorClock,
+    work: &mut Work,
+) -> Result<(), String> {
     let (reader, mut writer): (
         Box<dyn tokio::io::AsyncRead + Send + Unpin>,
         Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
@@ -181,6 +217,17 @@ async fn session(cfg: &Config, store: &Store, vm: &mut Vm, clock: &mut VectorClo
     clock.merge(&welcome.vt);
     let heartbeat = match welcome.msg {
         Msg::Welcome { committed, heartbeat_ms } => {
+            // A checkpoint made durable for an epoch whose fate we missed: committed only
+            // if the coordinator says so.
+            if let Some((_, d)) = work.durable.take() {
+                if committed.contains(&d.manifest.id) {
+                    if let Some(q) = &vm.qmp {
+                        d.retire(q).await;
+                    }
+                } else if let Some(q) = &vm.qmp {
+                    let _ = d.discard(q, store).await;
+                }
+            }
             discard_tentative(store, &cfg.name, &committed);
             Duration::from_millis(heartbeat_ms.max(50))
         }
@@ -193,13 +240,11 @@ async fn session(cfg: &Config, store: &Store, vm: &mut Vm, clock: &mut VectorClo
         send(&tx, clock, &me, Msg::VmFailed { reason: "QEMU is not reachable".into() });
     }
 
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-    let mut prepared: Option<(u64, Prepared)> = None;
-    let mut pending: Option<(u64, Pending)> = None;
-    let mut durable: Option<(u64, Durable)> = None;
-    let mut finishing: Option<tokio::task::JoinHandle<()>> = None;
-    let mut aborted: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+    let Work { prepared, pending, durable, finishing, aborted, done_tx, done_rx } = work;
     let mut ticker = tokio::time::interval(heartbeat);
+    // The epoch whose output is held or whose data is being stored (for gate breaches).
+    let mut in_flight: Option<u64> = None;
+    let mut breaches = vm.gate.as_ref().map(|g| g.breaches());
     let mut hold_started: Option<Instant> = None;
     loop {
         let vm_gone = async {
@@ -208,14 +253,40 @@ async fn session(cfg: &Config, store: &Store, vm: &mut Vm, clock: &mut VectorClo
                 _ => std::future::pending().await,
             }
         };
+        let breach = async {
+            match breaches.as_mut() {
+                Some(b) => {
+                    if b.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                    b.borrow().clone()
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = ticker.tick() => send(&tx, clock, &me, Msg::Heartbeat),
+            b = breach => {
+                // A bound let the held output go before the epoch committed: it cannot commit.
+                if let (Some(b), Some(epoch)) = (b, in_flight) {
+                    send(&tx, clock, &me, Msg::StepFailed { epoch, reason: format!("output gate released early: {b:?}") });
+                }
+            }
             reason = vm_gone => {
                 vm.failed = true;
                 tracing::warn!(vm = %me, %reason, "VM failed");
                 send(&tx, clock, &me, Msg::VmFailed { reason: format!("QEMU exited: {reason}") });
             }
             done = done_rx.recv() => match done {
+                Some(Done::Prepared(epoch, Ok(p))) => {
+                    if aborted.contains(&epoch) {
+                        p.abort().await;
+                    } else {
+                        if let Some((_, old)) = prepared.replace((epoch, *p)) { old.abort().await; }
+                        send(&tx, clock, &me, Msg::Vote { epoch, yes: true, reason: None });
+                    }
+                }
+                Some(Done::Prepared(epoch, Err(reason))) => send(&tx, clock, &me, Msg::Vote { epoch, yes: false, reason: Some(reason) }),
                 Some(Done::Durable(epoch, Ok(d))) if aborted.contains(&epoch) => {
                     // Stored after its epoch aborted: it must not stay.
                     match &vm.qmp {
@@ -227,11 +298,12 @@ async fn session(cfg: &Config, store: &Store, vm: &mut Vm, clock: &mut VectorClo
                     let digest = store.manifest_digest(&me, d.manifest.id).unwrap_or_default();
                     clock.tick(&me); // seed 000: the checkpoint is stored
                     send(&tx, clock, &me, Msg::Durable { epoch, checkpoint: d.manifest.id, digest, bytes_stored: d.manifest.bytes_stored });
-                    durable = Some((epoch, *d));
+                    *durable = Some((epoch, *d));
                 }
                 Some(Done::Durable(epoch, Err(reason))) => send(&tx, clock, &me, Msg::StepFailed { epoch, reason }),
                 Some(Done::Restored(epoch, Ok(r))) => {
                     attach_vm(cfg, vm).await;
+                    breaches = vm.gate.as_ref().map(|g| g.breaches());
                     send(&tx, clock, &me, Msg::Restored { epoch, pid: r.pid, restore_ms: r.duration_ms });
                 }
                 Some(Done::Restored(epoch, Err(reason))) => send(&tx, clock, &me, Msg::StepFailed { epoch, reason }),
@@ -243,19 +315,25 @@ async fn session(cfg: &Config, store: &Store, vm: &mut Vm, clock: &mut VectorClo
                 match env.msg {
                     Msg::Prepare { epoch } => {
                         if let Some((_, p)) = prepared.take() { p.abort().await; }
-                        let (mut yes, mut reason) = if finishing.as_ref().is_some_and(|h| !h.is_finished()) {
-                            (false, Some("the previous checkpoint is still being stored".into()))
-                        } else {
-                            vote(cfg, store, vm)
-                        };
-                        // Arm now (targets, capabilities), so that the cut is short.
-                        if yes && let Some(qmp) = vm.qmp.clone() {
-                            match checkpoint::prepare(&qmp, store, &me, &Options::default(), &mut |_| {}).await {
-                                Ok(p) => prepared = Some((epoch, p)),
-                                Err(e) => (yes, reason) = (false, Some(crate::store::error_chain(&e))),
+                        let (yes, reason) = vote(cfg, store, vm);
+                        match (yes, vm.qmp.clone()) {
+                            // Arm (targets, capabilities) so that the cut is short, once the
+                            // previous checkpoint is stored; the vote follows as `Done`.
+                            (true, Some(qmp)) => {
+                                let (store, name, done, previous) = (store.clone(), me.clone(), done_tx.clone(), finishing.take());
+                                tokio::spawn(async move {
+                                    if let Some(h) = previous {
+                                        let _ = h.await;
+                                    }
+                                    let r = checkpoint::prepare(&qmp, &store, &name, &Options::default(), &mut |_| {})
+                                        .await
+                                        .map(Box::new)
+                                        .map_err(|e| crate::store::error_chain(&e));
+                                    let _ = done.send(Done::Prepared(epoch, r));
+                                });
                             }
+                            _ => send(&tx, clock, &me, Msg::Vote { epoch, yes: false, reason }),
                         }
-                        send(&tx, clock, &me, Msg::Vote { epoch, yes, reason });
                     }
                     Msg::Cut { epoch } => {
                         let Some(armed) = prepared.take().filter(|(e, _)| *e == epoch).map(|(_, p)| p) else {
@@ -272,9 +350,10 @@ async fn session(cfg: &Config, store: &Store, vm: &mut Vm, clock: &mut VectorClo
                         }
                         match armed.cut(&mut |_| {}).await {
                             Ok(p) => {
+                                in_flight = Some(epoch);
                                 clock.tick(&me); // seed 000: the local checkpoint
                                 send(&tx, clock, &me, Msg::CutDone { epoch, checkpoint: p.id(), pause_ms: p.pause_ms() });
-                                pending = Some((epoch, p));
+                                *pending = Some((epoch, p));
                             }
                             Err(e) => {
                                 if let Some(g) = &vm.gate { let _ = g.release().await; }
@@ -284,7 +363,7 @@ async fn session(cfg: &Config, store: &Store, vm: &mut Vm, clock: &mut VectorClo
                         // Storing runs while the guest does; the result comes back as `Done`.
                         if let Some((e, p)) = pending.take() {
                             let done = done_tx.clone();
-                            finishing = Some(tokio::spawn(async move {
+                            *finishing = Some(tokio::spawn(async move {
                                 let r = p.finish(&mut |_| {}).await.map(Box::new).map_err(|e| crate::store::error_chain(&e));
                                 let _ = done.send(Done::Durable(e, r));
                             }));
@@ -306,14 +385,20 @@ async fn session(cfg: &Config, store: &Store, vm: &mut Vm, clock: &mut VectorClo
                         if let (Some((e, d)), Some(q)) = (durable.take(), &vm.qmp) && e == epoch {
                             d.retire(q).await;
                         }
-                        if let Err(e) = store.gc_keep(&me, &keep) {
-                            tracing::warn!(vm = %me, "pruning after commit failed: {e}");
-                        }
+                        // gc waits for other writers of the store: off the async threads.
+                        let (s, name) = (store.clone(), me.clone());
+                        tokio::task::spawn_blocking(move || {
+                            if let Err(e) = s.gc_keep(&name, &keep) {
+                                tracing::warn!(vm = %name, "pruning after commit failed: {e}");
+                            }
+                        });
+                        in_flight = None;
                         tracing::info!(vm = %me, epoch, "epoch committed");
                     }
                     Msg::Abort { epoch, reason } => {
                         tracing::warn!(vm = %me, epoch, %reason, "epoch aborted");
                         aborted.insert(epoch);
+                        in_flight = None;
                         if let Some(g) = &vm.gate { let _ = g.release().await; }
                         if let Some((_, p)) = prepared.take() { p.abort().await; }
                         if let Some((_, p)) = pending.take() { p.abort().await; }
@@ -329,8 +414,8 @@ async fn session(cfg: &Config, store: &Store, vm: &mut Vm, clock: &mut VectorClo
                         vm.qmp = None;
                         vm.failed = true;
                         if let Some((_, p)) = prepared.take() { p.abort().await; }
-                        pending = None;
-                        durable = None;
+                        *pending = None;
+                        *durable = None;
                         let (store, me2, done) = (store.clone(), me.clone(), done_tx.clone());
                         let previous = finishing.take();
                         tokio::spawn(async move {

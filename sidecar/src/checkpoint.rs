@@ -347,7 +347,11 @@ pub async fn prepare(
 ) -> Result<Prepared, CheckpointError> {
     let started = Instant::now();
     let vm = store.lock_vm(name)?;
-    let shared = store.lock_shared()?;
+    // Waits while a gc holds the store: off the async threads.
+    let s = store.clone();
+    let shared = tokio::task::spawn_blocking(move || s.lock_shared())
+        .await
+        .map_err(|e| CheckpointError::Migration(format!("lock task: {e}")))??;
     let ident = attach::identify(qmp, std::path::Path::new(qmp.target())).await?;
     let id = store.next_id(name)?;
     progress(&format!(

@@ -68,7 +68,8 @@ async fn a_no_vote_aborts_cleanly_and_the_previous_epoch_restores() -> anyhow::R
         assert!(err.to_string().contains("vm1 voted no"), "{err}");
         std::fs::remove_file(&refusal)?;
         let list = c.ask(Request::List).await?;
-        let epochs: Vec<u64> = list["epochs"].as_array().into_iter().flatten().filter_map(|r| r["epoch"].as_u64()).collect();
+        let epochs: Vec<u64> =
+            list["epochs"].as_array().into_iter().flatten().filter_map(|r| r["epoch"].as_u64()).collect();
         assert_eq!(epochs, vec![epoch], "the aborted epoch left no record");
         tokio::time::sleep(Duration::from_secs(2)).await;
         let r = c.ask(Request::Restore { epoch: None }).await?;
@@ -100,11 +101,19 @@ async fn a_sidecar_killed_mid_epoch_aborts_it_and_the_vm_keeps_running() -> anyh
         let r = ask.await?;
         assert!(r.is_err(), "the epoch must abort: {r:?}");
         // Its VM runs on: no rollback, checkpoints pause until the sidecar is back.
-        let s = c.wait_status(LONG, |s| s["members"][2]["health"].as_str().is_some_and(|h| h.contains("sidecar lost")) || s["members"][2]["connected"] == false).await?;
+        let s = c
+            .wait_status(LONG, |s| {
+                s["members"][2]["health"].as_str().is_some_and(|h| h.contains("sidecar lost"))
+                    || s["members"][2]["connected"] == false
+            })
+            .await?;
         assert!(s["figures"]["recoveries"].as_array().is_none_or(|r| r.is_empty()), "{s}");
         assert!(c.ask(Request::Checkpoint).await.is_err(), "no epoch while a sidecar is away");
         c.start_agent(2);
-        c.wait_status(LONG, |s| s["members"].as_array().is_some_and(|m| m.iter().all(|x| x["health"] == "up" && x["connected"] == true))).await?;
+        c.wait_status(LONG, |s| {
+            s["members"].as_array().is_some_and(|m| m.iter().all(|x| x["health"] == "up" && x["connected"] == true))
+        })
+        .await?;
         let next = c.ask(Request::Checkpoint).await?["epoch"].as_u64().unwrap_or(0);
         assert!(next > first);
         // The previous epoch restores.
@@ -133,7 +142,10 @@ async fn a_coordinator_killed_mid_epoch_never_leaves_a_half_committed_epoch() ->
             c.crash_coordinator();
             let _ = ask.await;
             c.start_coordinator();
-            c.wait_status(LONG, |s| s["members"].as_array().is_some_and(|m| m.len() == 3 && m.iter().all(|x| x["connected"] == true))).await?;
+            c.wait_status(LONG, |s| {
+                s["members"].as_array().is_some_and(|m| m.len() == 3 && m.iter().all(|x| x["connected"] == true))
+            })
+            .await?;
             // Every record is whole: three members, each manifest present with its digest.
             let v = c.ask(Request::Verify { epoch: None }).await?;
             assert_eq!(v["ok"], true, "{v}");
@@ -160,7 +172,8 @@ async fn strict_output_commit_holds_packets_until_the_commit() -> anyhow::Result
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let s = c.ask(Request::Status).await?;
-        let holds: Vec<f64> = s["figures"]["hold_ms"].as_array().into_iter().flatten().filter_map(|v| v.as_f64()).collect();
+        let holds: Vec<f64> =
+            s["figures"]["hold_ms"].as_array().into_iter().flatten().filter_map(|v| v.as_f64()).collect();
         let list = c.ask(Request::List).await?;
         let min_durable = list["epochs"]
             .as_array()
@@ -171,7 +184,10 @@ async fn strict_output_commit_holds_packets_until_the_commit() -> anyhow::Result
         eprintln!("strict holds {holds:?}; storing took at least {min_durable:.0} ms after the last cut");
         assert_eq!(holds.len(), 6, "every member released twice");
         for h in &holds {
-            assert!(*h >= min_durable, "a gate opened before its epoch committed: held {h} ms, storing took {min_durable} ms");
+            assert!(
+                *h >= min_durable,
+                "a gate opened before its epoch committed: held {h} ms, storing took {min_durable} ms"
+            );
         }
         Ok::<(), anyhow::Error>(())
     }
