@@ -748,38 +748,33 @@ impl Actor {
         waiter: Option<oneshot::Sender<Result<Value, String>>>,
     ) {
         let epochs = self.catalog.epochs();
+        let last = epochs.last().copied();
         let target = match epoch {
             Some(e) => Some(e),
-            None => {
-                let last = epochs.last().copied();
-                match (self.last_recovery, last) {
-                    (Some((at, e)), Some(_)) if at.elapsed() < self.cfg.latent_window => {
-                        let earlier = epochs.iter().rev().find(|x| **x < e).copied();
-                        if earlier.is_some() {
-                            tracing::warn!(from = e, to = ?earlier, "failed again soon after recovery: rolling back one more epoch (latent error)");
-                        }
-                        earlier.or(Some(e))
-                    }
-                    _ => last,
+            // Failing again soon after a recovery: the error may be latent in the newest
+            // checkpoint; go one committed epoch further back.
+            None if self.last_recovery.is_some_and(|(at, _)| at.elapsed() < self.cfg.latent_window) => {
+                let earlier = epochs.iter().rev().nth(1).copied();
+                if let Some(e) = earlier {
+                    tracing::warn!(
+                        to = e,
+                        "failed again soon after a recovery: rolling back one epoch further (latent error)"
+                    );
                 }
+                earlier.or(last)
             }
+            None => last,
         };
-        let Some(target) = target else {
+        let record =
+            target.and_then(|t| self.catalog.read(t).ok()).or_else(|| last.and_then(|l| self.catalog.read(l).ok()));
+        let Some(record) = record else {
             tracing::error!("no committed epoch to recover to: {reason}");
             if let Some(w) = waiter {
                 let _ = w.send(Err("no committed epoch to recover to".into()));
             }
             return;
         };
-        let record = match self.catalog.read(target) {
-            Ok(r) => r,
-            Err(e) => {
-                if let Some(w) = waiter {
-                    let _ = w.send(Err(e.to_string()));
-                }
-                return;
-            }
-        };
+        let target = record.epoch;
         let failed: Vec<String> = self
             .members
             .iter()

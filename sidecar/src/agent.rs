@@ -144,10 +144,10 @@ async fn attach_vm(cfg: &Config, vm: &mut Vm) {
     vm.qmp = None;
     match attach::connect(&cfg.qmp).await {
         Ok(q) => {
-            let dir = cfg.store.join("tmp");
+            let dir = gate_dir(&cfg.store);
             match Gate::attach_qemu(&cfg.name, q.clone(), &FilterBufferConfig::new(dir), cfg.bounds).await {
                 Ok(g) => vm.gate = Some(g),
-                Err(e) => tracing::warn!(vm = %cfg.name, "no output gate: {e}"),
+                Err(e) => tracing::warn!(vm = %cfg.name, "no output gate: {}", crate::store::error_chain(&e)),
             }
             vm.qmp = Some(q);
             vm.failed = false;
@@ -259,7 +259,7 @@ async fn session(
                     if b.changed().await.is_err() {
                         std::future::pending::<()>().await;
                     }
-                    b.borrow().clone()
+                    *b.borrow()
                 }
                 None => std::future::pending().await,
             }
@@ -315,6 +315,21 @@ async fn session(
                 match env.msg {
                     Msg::Prepare { epoch } => {
                         if let Some((_, p)) = prepared.take() { p.abort().await; }
+                        // Without its output gate a member could let an orphan message out.
+                        if vm.gate.is_none() && let Some(q) = vm.qmp.clone() {
+                            let dir = gate_dir(&cfg.store);
+                            match Gate::attach_qemu(&cfg.name, q, &FilterBufferConfig::new(dir), cfg.bounds).await {
+                                Ok(g) => {
+                                    breaches = Some(g.breaches());
+                                    vm.gate = Some(g);
+                                }
+                                Err(e) => {
+                                    let why = crate::store::error_chain(&e);
+                                    send(&tx, clock, &me, Msg::Vote { epoch, yes: false, reason: Some(format!("no output gate: {why}")) });
+                                    continue;
+                                }
+                            }
+                        }
                         let (yes, reason) = vote(cfg, store, vm);
                         match (yes, vm.qmp.clone()) {
                             // Arm (targets, capabilities) so that the cut is short, once the
@@ -499,4 +514,12 @@ fn discard_tentative(store: &Store, name: &str, committed: &[u64]) {
             let _ = store.discard(name, id);
         }
     }
+}
+
+/// Where the output gate's mirror sockets live: beside the store's work files, but not
+/// among them (gc empties `tmp/`).
+fn gate_dir(store: &std::path::Path) -> PathBuf {
+    let dir = store.join("run");
+    let _ = std::fs::create_dir_all(&dir);
+    dir
 }

@@ -346,7 +346,20 @@ pub async fn prepare(
     progress: &mut (dyn FnMut(&str) + Send),
 ) -> Result<Prepared, CheckpointError> {
     let started = Instant::now();
-    let vm = store.lock_vm(name)?;
+    // Another operation on this VM (the previous checkpoint finishing, a restore) may
+    // hold it for a moment: wait a little before calling it busy.
+    let vm = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match store.lock_vm(name) {
+                Ok(l) => break l,
+                Err(StoreError::Busy { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
     // Waits while a gc holds the store: off the async threads.
     let s = store.clone();
     let shared = tokio::task::spawn_blocking(move || s.lock_shared())
@@ -566,6 +579,7 @@ async fn arm(
     undo: &mut Undo,
 ) -> Result<Armed, CheckpointError> {
     let policy = Policy::new(store.estimates());
+    clear_leftovers(qmp).await?;
     let plans = plan_disks(store, name, id, ident, opts)?;
     for p in &plans {
         disk::create_target(&p.target, p.info.virtual_size)
@@ -852,6 +866,58 @@ async fn take_rest(
     })
 }
 
+/// A suffix no other attempt of this or another process uses.
+fn unique() -> String {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    format!("{}-{}-{nanos}", std::process::id(), SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Removes what an attempt whose sidecar died left in QEMU: backup jobs, targets, a
+/// migration in progress. Their names are cutline's own.
+async fn clear_leftovers(qmp: &Qmp) -> Result<(), CheckpointError> {
+    let jobs = qmp.execute_raw("query-block-jobs", json!({})).await.map_err(qemu("query-block-jobs"))?;
+    let ours: Vec<String> = jobs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|j| j["device"].as_str().filter(|d| d.starts_with("cutline-backup-")).map(str::to_owned))
+        .collect();
+    for j in &ours {
+        tracing::warn!(job = %j, "cancelling a backup job left by an earlier attempt");
+        let _ = qmp.execute_raw("block-job-cancel", json!({"device": j, "force": true})).await;
+    }
+    let migration = qmp.execute_raw("query-migrate", json!({})).await.map_err(qemu("query-migrate"))?;
+    if matches!(migration["status"].as_str(), Some("setup" | "active" | "device" | "pre-switchover")) {
+        tracing::warn!("cancelling a migration left by an earlier attempt");
+        let _ = qmp.execute_raw("migrate_cancel", json!({})).await;
+    }
+    for _ in 0..250 {
+        let jobs = qmp.execute_raw("query-block-jobs", json!({})).await.map_err(qemu("query-block-jobs"))?;
+        let busy = jobs.as_array().is_some_and(|js| {
+            js.iter().any(|j| j["device"].as_str().is_some_and(|d| d.starts_with("cutline-backup-")))
+        });
+        let m = qmp.execute_raw("query-migrate", json!({})).await.map_err(qemu("query-migrate"))?;
+        let migrating =
+            matches!(m["status"].as_str(), Some("setup" | "active" | "device" | "pre-switchover" | "cancelling"));
+        if !busy && !migrating {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let nodes = qmp
+        .execute_raw("query-named-block-nodes", json!({"flat": true}))
+        .await
+        .map_err(qemu("query-named-block-nodes"))?;
+    for n in nodes.as_array().into_iter().flatten() {
+        if let Some(name) = n["node-name"].as_str().filter(|n| n.starts_with("cutline-target-")) {
+            tracing::warn!(node = name, "removing a backup target left by an earlier attempt");
+            let _ = qmp.execute_raw("blockdev-del", json!({"node-name": name})).await;
+        }
+    }
+    Ok(())
+}
+
 /// Decides per disk whether the copy can be incremental, and names its work files.
 fn plan_disks(
     store: &Store,
@@ -870,7 +936,12 @@ fn plan_disks(
             .iter()
             .filter_map(|b| Some((b.name.strip_prefix(BITMAP_PREFIX)?.parse::<u64>().ok()?, b)))
             .collect();
-        match ours.iter().max_by_key(|(k, _)| *k) {
+        // Bitmaps of attempts that never became checkpoints (a sidecar died mid-epoch) do
+        // not count: the newest bitmap whose checkpoint exists is the base.
+        let newest =
+            ours.iter().filter(|(k, _)| store.ids(name).is_ok_and(|ids| ids.contains(k))).max_by_key(|(k, _)| *k);
+        let newest = newest.or_else(|| ours.iter().max_by_key(|(k, _)| *k));
+        match newest {
             _ if opts.full => full_reason = Some("full copy requested".to_owned()),
             None => full_reason = Some("first checkpoint of this disk (no cutline bitmap)".to_owned()),
             Some((_, b)) if b.inconsistent => {
@@ -902,7 +973,7 @@ fn plan_disks(
             info: d.clone(),
             base,
             full_reason,
-            target: store.tmp().join(format!("{name}-{id}-{safe}.qcow2")),
+            target: store.tmp().join(format!("{name}-{id}-{safe}-{}.qcow2", unique())),
             target_node: format!("cutline-target-{safe}"),
             job: format!("cutline-backup-{safe}"),
             new_bitmap: format!("{BITMAP_PREFIX}{id}"),
