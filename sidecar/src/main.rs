@@ -44,6 +44,11 @@ enum Cmd {
         /// The store directory.
         #[arg(long)]
         store: PathBuf,
+        /// Longest the output gate may hold the VM's packets before it lets them go and
+        /// the epoch aborts (raise it with `--output-commit strict`, where holds last until
+        /// the commit).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        max_hold: std::time::Duration,
     },
     /// Show what cutline sees of a running guest (disks, RAM, argv).
     Attach {
@@ -187,7 +192,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         tracing::debug!("{msg}");
     };
     match cli.cmd {
-        Cmd::Serve { coordinator, token, cluster, name: n, qmp, store } => {
+        Cmd::Serve { coordinator, token, cluster, name: n, qmp, store, max_hold } => {
             let n = name(&n)?;
             let cfg = sidecar::agent::Config {
                 coordinator,
@@ -196,7 +201,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 name: n.as_str().to_owned(),
                 qmp,
                 store,
-                bounds: netfilter::Bounds::default(),
+                bounds: netfilter::Bounds { max_hold, ..netfilter::Bounds::default() },
             };
             sidecar::agent::run(cfg, shutdown_signal()).await?;
         }
