@@ -714,7 +714,7 @@ async fn fire(
     let mut pause_ms = ms(cut_at.elapsed());
     tracing::debug!(after_ms = pause_ms, "memory cut done");
     if was_running {
-        qmp.execute_raw("cont", json!({})).await.map_err(qemu("cont"))?;
+        cont_after_migration(qmp).await?;
         undo.stopped = false;
         let stop = events.wait("STOP", |_| true).await?;
         let resume = events.wait("RESUME", |_| true).await?;
@@ -864,6 +864,21 @@ async fn take_rest(
         bytes_stored,
         checksum: String::new(),
     })
+}
+
+/// `cont` once QEMU lets the guest run: right after a completed migration it may still
+/// be finalizing ("Migration is not finalized yet") for a moment.
+pub(crate) async fn cont_after_migration(qmp: &Qmp) -> Result<(), CheckpointError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match qmp.execute_raw("cont", json!({})).await {
+            Ok(_) => return Ok(()),
+            Err(QmpError::Qemu { desc, .. }) if desc.contains("not finalized") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => return Err(qemu("cont")(e)),
+        }
+    }
 }
 
 /// A suffix no other attempt of this or another process uses.

@@ -347,7 +347,9 @@ async fn load(
         .map_err(qemu("add dirty bitmap"))?;
     }
     if !paused {
-        qmp.execute_raw("cont", json!({})).await.map_err(qemu("cont"))?;
+        crate::checkpoint::cont_after_migration(&qmp)
+            .await
+            .map_err(|e| RestoreError::Incoming(crate::store::error_chain(&e)))?;
     }
     Ok(pid)
 }
