@@ -107,17 +107,6 @@ fn main() -> ExitCode {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
-}
-
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     let addr = cli.coordinator.clone().unwrap_or_else(|| cli.state.join("cutline.sock").display().to_string());
     let token = cli.token.as_deref();
@@ -144,7 +133,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             cfg.output_commit = output_commit;
             cfg.heartbeat = heartbeat;
             cfg.failure_timeout = timeout;
-            server::run(cfg, shutdown_signal()).await?;
+            server::run(cfg, sidecar::shutdown_signal()).await?;
         }
         Cmd::Status => {
             let v = ask(Request::Status).await?;

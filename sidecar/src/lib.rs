@@ -12,6 +12,18 @@ pub mod proto;
 pub mod restore;
 pub mod store;
 
+/// Resolves on SIGINT or SIGTERM: the shutdown signal of cutline's daemons.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
 /// The name under which a VM's checkpoints are kept in a store: non-empty, made of
 /// ASCII letters, digits, `-`, `_` and `.`, not starting with a dot.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

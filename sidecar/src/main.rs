@@ -162,18 +162,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
-}
-
 fn print(json: bool, value: serde_json::Value, text: String) {
     if json {
         println!("{value}");
@@ -203,7 +191,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 store,
                 bounds: netfilter::Bounds { max_hold, ..netfilter::Bounds::default() },
             };
-            sidecar::agent::run(cfg, shutdown_signal()).await?;
+            sidecar::agent::run(cfg, sidecar::shutdown_signal()).await?;
         }
         Cmd::Attach { qmp } => {
             let q = attach::connect(&qmp).await?;

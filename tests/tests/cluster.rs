@@ -183,6 +183,25 @@ async fn strict_output_commit_holds_packets_until_the_commit() -> anyhow::Result
             .fold(f64::MAX, f64::min);
         eprintln!("strict holds {holds:?}; storing took at least {min_durable:.0} ms after the last cut");
         assert_eq!(holds.len(), 6, "every member released twice");
+        // Seed 000's property: between two committed rounds each member's own component of
+        // its vector timestamp advanced by 5 (request received, checkpoint, ack sent, done
+        // received, stored).
+        let records = list["epochs"].as_array().cloned().unwrap_or_default();
+        assert_eq!(records.len(), 2);
+        for m in records[1]["members"].as_array().into_iter().flatten() {
+            let name = m["name"].as_str().unwrap_or("");
+            let before = records[0]["members"]
+                .as_array()
+                .and_then(|ms| ms.iter().find(|x| x["name"] == name))
+                .map(|x| x["vt"][name].as_u64().unwrap_or(0));
+            let after = m["vt"][name].as_u64().unwrap_or(0);
+            assert_eq!(
+                Some(after),
+                before.map(|b| b + 5),
+                "{name}'s own component across a round: {} -> {after}",
+                before.unwrap_or(0)
+            );
+        }
         for h in &holds {
             assert!(
                 *h >= min_durable,
