@@ -48,8 +48,6 @@ pub struct EpochTimings {
     pub cut_ms: f64,
     /// Cut sent to the last durable.
     pub durable_ms: f64,
-    /// Writing this record (the commit latency).
-    pub commit_ms: f64,
     /// Whole epoch.
     pub total_ms: f64,
 }
@@ -106,12 +104,8 @@ impl Record {
     fn seal(&mut self) {
         self.checksum.clear();
         let body = serde_json::to_vec(self).unwrap_or_default();
-        self.checksum = hex(&Sha256::digest(&body));
+        self.checksum = sidecar::store::blocks::hex(&Sha256::digest(&body));
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// The records of one cluster, in `DIR/epochs/`.
@@ -221,7 +215,7 @@ mod tests {
             output_commit: "release".into(),
             members: vec![],
             coordinator_vt: VectorClock::default(),
-            timings: EpochTimings { commit_ms: 0.123456789, ..EpochTimings::default() },
+            timings: EpochTimings { durable_ms: 0.123456789, ..EpochTimings::default() },
             checksum: String::new(),
         }
     }

@@ -259,7 +259,7 @@ impl GuestImage {
         }
         let kernel_bytes = std::fs::read(&kernel).map_err(io("cannot read kernel", &kernel))?;
         h.update(&kernel_bytes);
-        let key = hex(&h.finalize()[..8]);
+        let key = sidecar::store::blocks::hex(&h.finalize()[..8]);
 
         let dir = spec.cache_dir.join(&key);
         let initrd = dir.join("initramfs.cpio");
@@ -298,10 +298,6 @@ fn is_static_elf(elf: &[u8]) -> bool {
         let at = phoff as usize + i * phentsize;
         elf.get(at..at + 4).is_some_and(|t| t != 3u32.to_le_bytes())
     })
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn write_cpio(path: &Path, inputs: &[Input]) -> Result<(), ImageError> {
