@@ -173,7 +173,9 @@ pub async fn restore(
         }
     }
 
-    // Rebuild disks beside the originals while the old guest still runs.
+    // Rebuild disks beside the originals while the old guest still runs. Every work file
+    // goes on any way out; those renamed into place are no longer there to go.
+    let mut work = WorkFiles::default();
     let mut staged = Vec::new();
     for d in &m.disks {
         progress(&format!("rebuilding disk {} ({} chunks)", d.node, d.chunks.len()));
@@ -185,17 +187,12 @@ pub async fn restore(
         let staging = store
             .tmp()
             .join(format!("restore-{name}-{id}-{}", d.node.replace(|c: char| !c.is_ascii_alphanumeric(), "_")));
+        work.0.push(tmp.clone());
         let (disk, blocks, t) = (d.clone(), store.blocks().clone(), tmp.clone());
         let r = tokio::task::spawn_blocking(move || disk::write_image(&disk, &blocks, &t, &staging))
             .await
             .map_err(|e| RestoreError::Relaunch(format!("disk task: {e}")))?;
-        if let Err(source) = r {
-            let _ = std::fs::remove_file(&tmp);
-            for (t, _) in &staged {
-                let _ = std::fs::remove_file(t);
-            }
-            return Err(RestoreError::Disk { node: d.node.clone(), source });
-        }
+        r.map_err(|source| RestoreError::Disk { node: d.node.clone(), source })?;
         staged.push((tmp, original));
     }
 
@@ -203,17 +200,12 @@ pub async fn restore(
     let ram_file = if m.memory.layout == "mapped-ram" {
         let path = store.tmp().join(format!("restore-{name}-{id}.ram"));
         progress(&format!("rebuilding the {} MiB memory file", m.memory.bytes >> 20));
+        work.0.push(path.clone());
         let (p, blocks, stream) = (path.clone(), store.blocks().clone(), m.memory.clone());
         let r = tokio::task::spawn_blocking(move || memory::restore_file(&p, &blocks, &stream))
             .await
             .map_err(|e| RestoreError::Relaunch(format!("memory task: {e}")))?;
-        if let Err(source) = r {
-            let _ = std::fs::remove_file(&path);
-            for (t, _) in &staged {
-                let _ = std::fs::remove_file(t);
-            }
-            return Err(RestoreError::Damaged { name: name.to_owned(), id, source });
-        }
+        r.map_err(|source| RestoreError::Damaged { name: name.to_owned(), id, source })?;
         Some(path)
     } else {
         None
@@ -235,9 +227,7 @@ pub async fn restore(
     let pid = launch(&m, &log)?;
     // Until it runs the restored guest, the new QEMU is ours: a failure kills it.
     let loaded = load(&m, store, &qmp_path, pid, &log, paused, ram_file.as_deref(), progress).await;
-    if let Some(f) = &ram_file {
-        let _ = std::fs::remove_file(f);
-    }
+    drop(work);
     match loaded {
         Ok(pid) => {
             let downtime_ms = down_at.elapsed().as_secs_f64() * 1000.0;
@@ -352,6 +342,18 @@ async fn load(
             .map_err(|e| RestoreError::Incoming(crate::store::error_chain(&e)))?;
     }
     Ok(pid)
+}
+
+/// Work files of a restore, removed when it ends, however it ends.
+#[derive(Default)]
+struct WorkFiles(Vec<PathBuf>);
+
+impl Drop for WorkFiles {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            let _ = std::fs::remove_file(f);
+        }
+    }
 }
 
 fn resolve(m: &Manifest, p: &str) -> PathBuf {
