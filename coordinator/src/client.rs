@@ -3,8 +3,7 @@
 use std::path::Path;
 
 use serde_json::Value;
-use sidecar::proto::{self, Envelope, Msg, Request, VectorClock};
-use tokio::io::BufReader;
+use sidecar::proto::{self, Envelope, Msg, Request};
 
 /// Errors of asking.
 #[derive(Debug, thiserror::Error)]
@@ -40,13 +39,9 @@ pub async fn ask(addr: &str, token: Option<&str>, request: Request) -> Result<Va
                 (Box::new(r), Box::new(w))
             }
         };
-    let env = Envelope {
-        vt: VectorClock::default(),
-        msg: Msg::Ask { cluster: "default".into(), token: token.map(str::to_owned), request },
-    };
+    let env = Envelope::plain(Msg::Ask { cluster: "default".into(), token: token.map(str::to_owned), request });
     proto::write(&mut w, &env).await.map_err(|e| ClientError::Protocol(e.to_string()))?;
-    let mut r = BufReader::new(r);
-    match proto::read(&mut r).await.map_err(|e| ClientError::Protocol(e.to_string()))?.msg {
+    match proto::read(r).await.map_err(|e| ClientError::Protocol(e.to_string()))?.msg {
         Msg::Answer { result: Ok(v) } => Ok(v),
         Msg::Answer { result: Err(e) } | Msg::Error { what: e } => Err(ClientError::Refused(e)),
         other => Err(ClientError::Protocol(format!("unexpected {}", other.kind()))),

@@ -3,8 +3,12 @@
 //! written record), detects failures by heartbeats and the sidecars' reports, and rolls
 //! the cluster back to its last committed epoch.
 
+pub mod actor;
 pub mod client;
 pub mod demo;
+pub mod figures;
 pub mod harness;
+pub mod phase;
 pub mod record;
 pub mod server;
+pub mod state;

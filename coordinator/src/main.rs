@@ -74,14 +74,21 @@ enum Cmd {
         #[arg(long)]
         epoch: Option<u64>,
     },
+    /// Remove a member from the cluster (an epoch otherwise waits for every member).
+    RemoveMember {
+        /// The member (VM) name.
+        name: String,
+    },
     /// Boot 3 guests, checkpoint them, kill one, roll back, check the invariants, report.
     Demo,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The daemon's lifecycle lines are info; the commands that ask it stay quiet.
+    let default = if matches!(cli.cmd, Cmd::Serve { .. }) { "info" } else { "warn" };
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into()))
         .with_writer(std::io::stderr)
         .try_init();
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
@@ -137,12 +144,34 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Cmd::Status => {
             let v = ask(Request::Status).await?;
+            let f = &v["figures"];
             let mut text = format!(
-                "cluster {}: last committed epoch {}, now {}\n",
+                "cluster {} (incarnation {}): last committed epoch {}, now {}\n",
                 v["cluster"].as_str().unwrap_or(""),
+                v["incarnation"],
                 v["last_committed"],
-                v["now"]
+                v["now"].as_str().unwrap_or("")
             );
+            if v["phase"]["state"] == "halted" {
+                text.push_str(&format!("  HALTED: {}\n", v["phase"]["reason"].as_str().unwrap_or("")));
+            }
+            if let Some(p) = v["paused_vms"].as_array().filter(|p| !p.is_empty()) {
+                text.push_str(&format!("  paused VMs: {}\n", Value::from(p.clone())));
+            }
+            if f["aborted_in_a_row"].as_u64().unwrap_or(0) > 0 {
+                text.push_str(&format!(
+                    "  checkpoints failing: {} epoch(s) aborted since the last commit; last: {}\n",
+                    f["aborted_in_a_row"],
+                    f["recent"]["aborted"]["last"]
+                        .as_array()
+                        .and_then(|a| a.last())
+                        .map_or("", |a| a["reason"].as_str().unwrap_or(""))
+                ));
+            }
+            text.push_str(&format!(
+                "  epochs committed {}, aborted {}; recoveries {} (p50 {} ms); halts {}\n",
+                f["epochs_committed"], f["epochs_aborted"], f["recoveries"], f["recovery_ms"]["p50"], f["halts"]
+            ));
             for m in v["members"].as_array().into_iter().flatten() {
                 text.push_str(&format!(
                     "  {:<12} {:<28} pid {:<8} heartbeat {:.0} ms ago\n",
@@ -157,9 +186,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Cmd::Checkpoint => {
             let v = ask(Request::Checkpoint).await?;
             let mut text = format!(
-                "epoch {} committed (commit {:.2} ms, cut {:.1} ms)\n",
+                "epoch {} committed (whole epoch {:.1} ms, cut {:.1} ms)\n",
                 v["epoch"],
-                v["commit_ms"].as_f64().unwrap_or(0.0),
+                v["timings"]["total_ms"].as_f64().unwrap_or(0.0),
                 v["timings"]["cut_ms"].as_f64().unwrap_or(0.0)
             );
             for m in v["members"].as_array().into_iter().flatten() {
@@ -215,6 +244,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 },
             );
             return Ok(ok);
+        }
+        Cmd::RemoveMember { name } => {
+            let v = ask(Request::RemoveMember { name: name.clone() }).await?;
+            out(&v, format!("{name} removed from the cluster"));
         }
         Cmd::Demo => {
             return demo::run(demo::DemoConfig { json: cli.json, ..demo::DemoConfig::default() }).await;

@@ -90,6 +90,12 @@ pub enum RecordError {
         #[source]
         source: std::io::Error,
     },
+    /// A record of that epoch exists already: records are never overwritten.
+    #[error("commit record {path} exists already: records are never overwritten")]
+    Exists {
+        /// The file.
+        path: PathBuf,
+    },
     /// A record is damaged or of another format.
     #[error("commit record {path} is unusable: {why}")]
     Bad {
@@ -169,11 +175,12 @@ impl Catalog {
         epochs.iter().rev().take(n).rev().filter_map(|e| self.read(*e).ok()).collect()
     }
 
-    /// Commits `record`: temp file, fsync, rename, fsync of the directory.
+    /// Commits `record`: temp file, fsync, link into place (which fails if a record of
+    /// that epoch exists: never overwritten), fsync of the directory.
     pub fn commit(&self, record: &mut Record) -> Result<(), RecordError> {
         record.seal();
         let path = self.path(record.epoch);
-        let tmp = self.dir.join(format!(".{}.tmp", record.epoch));
+        let tmp = self.dir.join(format!(".{}-{}.tmp", record.epoch, std::process::id()));
         let io = |what: &'static str, p: &Path| {
             let p = p.to_owned();
             move |source| RecordError::Io { what, path: p, source }
@@ -184,7 +191,12 @@ impl Catalog {
         data.push(b'\n');
         f.write_all(&data).map_err(io("cannot write", &tmp))?;
         f.sync_all().map_err(io("cannot sync", &tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io("cannot rename", &path))?;
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(RecordError::Exists { path }),
+            r => r.map_err(io("cannot link into place", &path))?,
+        }
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", &self.dir))
     }
 
@@ -238,5 +250,17 @@ mod tests {
         let text = std::fs::read_to_string(&p).expect("read").replace("\"epoch\": 4", "\"epoch\": 9");
         std::fs::write(&p, text).expect("write");
         assert!(matches!(c.read(4), Err(RecordError::Bad { .. })));
+    }
+
+    #[test]
+    fn a_record_is_never_overwritten() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let c = Catalog::open(d.path()).expect("open");
+        c.commit(&mut record(7)).expect("commit");
+        let mut other = record(7);
+        other.output_commit = "strict".into();
+        assert!(matches!(c.commit(&mut other), Err(RecordError::Exists { .. })));
+        assert_eq!(c.read(7).expect("read").output_commit, "release");
+        assert_eq!(std::fs::read_dir(d.path().join("epochs")).expect("ls").count(), 1, "no temp file left");
     }
 }

@@ -1,21 +1,24 @@
-//! `cutline-sidecar serve`: the per-VM agent of a cluster. It attaches to its guest,
-//! registers with the coordinator, sends heartbeats, reports the VM's failure at once,
-//! and carries out the protocol's steps: vote, cut with output held, release, store,
-//! commit or abort, restore and resume.
+//! `cutline-sidecar serve`: the per-VM agent of a cluster. It owns its VM for its whole
+//! life (a second agent for the same VM is refused), registers with the coordinator,
+//! sends heartbeats from a task of their own, reports the VM's failure on evidence, and
+//! carries out the protocol's steps. Its state is two pure machines, the epoch [`Slot`]
+//! and the [`VmState`]; this module holds the resources they stand for and runs their
+//! effects. Arming, storing, restoring and verifying run in the background.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use netfilter::{Bounds, FilterBufferConfig, Gate};
 use qmp_client::Qmp;
-use serde_json::json;
-use tokio::io::BufReader;
 use tokio::sync::mpsc;
 
-use crate::checkpoint::{self, Durable, Options, Pending, Prepared};
-use crate::proto::{self, Envelope, Msg, VectorClock};
-use crate::store::Store;
-use crate::{attach, restore};
+use crate::checkpoint::{Durable, Pending, Prepared};
+use crate::proto::{Envelope, FrameReader, Msg, PROTOCOL, VectorClock};
+use crate::slot::{Slot, SlotEvent, Tag};
+use crate::store::{Lock, Store, error_chain};
+use crate::vm::{VmEvent, VmState};
+use crate::{attach, failpoint, leftovers, restore};
 
 /// Where the coordinator listens.
 #[derive(Debug, Clone)]
@@ -61,408 +64,481 @@ pub enum AgentError {
     /// The store cannot be used.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// Another agent owns this VM.
+    #[error("another cutline-sidecar already serves VM {name} (it holds {lock})")]
+    Owned {
+        /// VM name.
+        name: String,
+        /// The lock file.
+        lock: PathBuf,
+    },
 }
 
-/// Results of work the agent runs in the background, back into its loop.
+/// Errors that end one session with the coordinator (the agent reconnects).
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot connect to {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connection to the coordinator: {0}")]
+    Frame(#[from] crate::proto::FrameError),
+    #[error("the coordinator refused: {0}")]
+    Refused(String),
+    #[error("expected welcome, got {0}")]
+    NoWelcome(&'static str),
+    #[error("the coordinator speaks protocol {theirs}, this sidecar {PROTOCOL}")]
+    Version { theirs: u32 },
+    #[error("connection to the coordinator lost")]
+    Lost,
+}
+
+/// Results of background work, back into the loop.
 enum Done {
-    Prepared(u64, Result<Box<Prepared>, String>),
-    Durable(u64, Result<Box<Durable>, String>),
-    Restored(u64, Result<restore::Report, String>),
+    Armed(Tag, Result<Box<Prepared>, String>),
+    Stored(Tag, Result<Box<Durable>, String>),
+    Restored(Tag, Result<restore::Report, String>),
+    Verified(u64, Vec<String>),
 }
 
-/// Checkpoint work in flight; it outlives a connection to the coordinator.
-struct Work {
-    prepared: Option<(u64, Prepared)>,
-    pending: Option<(u64, Pending)>,
-    durable: Option<(u64, Durable)>,
-    finishing: Option<tokio::task::JoinHandle<()>>,
-    aborted: std::collections::BTreeSet<u64>,
-    done_tx: mpsc::UnboundedSender<Done>,
-    done_rx: mpsc::UnboundedReceiver<Done>,
+/// The connection to the coordinator of one session.
+struct Session {
+    tx: mpsc::UnboundedSender<Envelope>,
+    inc: u64,
 }
 
-/// The agent's view of its VM.
-struct Vm {
+/// The agent: its machines and the resources they stand for.
+struct Agent {
+    cfg: Config,
+    store: Store,
+    vm: VmState,
+    slot: Slot,
     qmp: Option<Qmp>,
     gate: Option<Gate>,
-    failed: bool,
+    pid_start: Option<u64>,
+    prepared: Option<Prepared>,
+    pending: Option<Pending>,
+    durable: Option<Durable>,
+    /// The store (or restore) task in flight: the next one waits for it.
+    busy: Option<tokio::task::JoinHandle<()>>,
+    /// Stores whose epoch ended while they ran: discarded when they arrive.
+    abandoned: BTreeSet<(u64, u64)>,
+    clock: VectorClock,
+    session: Option<Session>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    hold_started: Option<Instant>,
+    /// The checkpoint and committed digest the coordinator asked to restore.
+    restore_for: Option<(u64, String)>,
 }
 
 /// Runs the agent until `shutdown` resolves. Reconnects to the coordinator when the
 /// connection drops; its VM keeps running meanwhile.
 pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
     let store = Store::open(&cfg.store)?;
-    let mut vm = Vm { qmp: None, gate: None, failed: false };
-    let mut clock = VectorClock::default();
-    let (done_tx, done_rx) = mpsc::unbounded_channel::<Done>();
-    let mut work = Work {
+    let _owner: Lock = store.lock_owner(&cfg.name).map_err(|_| AgentError::Owned {
+        name: cfg.name.clone(),
+        lock: cfg.store.join("vms").join(&cfg.name).join("owner"),
+    })?;
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let mut a = Agent {
+        cfg,
+        store,
+        vm: VmState::Detached,
+        slot: Slot::Free,
+        qmp: None,
+        gate: None,
+        pid_start: None,
         prepared: None,
         pending: None,
         durable: None,
-        finishing: None,
-        aborted: Default::default(),
+        busy: None,
+        abandoned: BTreeSet::new(),
+        clock: VectorClock::default(),
+        session: None,
         done_tx,
-        done_rx,
+        hold_started: None,
+        restore_for: None,
     };
     tokio::pin!(shutdown);
     loop {
-        attach_vm(&cfg, &mut vm).await;
+        a.attach().await;
         tokio::select! {
             _ = &mut shutdown => break,
-            r = session(&cfg, &store, &mut vm, &mut clock, &mut work) => {
+            r = a.session(&mut done_rx) => {
                 if let Err(e) = r {
-                    tracing::warn!(vm = %cfg.name, "coordinator session ended: {e}");
+                    tracing::warn!(vm = %a.cfg.name, "coordinator session ended: {}", error_chain(&e));
                 }
             }
         }
-        // The epoch in flight died with the connection: give up what is armed, let the
-        // output go (the coordinator that would release it is gone).
-        if let Some((_, p)) = work.prepared.take() {
-            p.abort().await;
-        }
-        if let Some(g) = &vm.gate {
-            let _ = g.release().await;
-        }
+        a.session = None;
+        a.slot_event(SlotEvent::SessionLost).await;
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
         }
     }
     // The gate's filters stay in QEMU (a restarted agent finds them); release a hold.
-    if let Some(g) = &vm.gate {
+    if let Some(g) = &a.gate {
         let _ = g.release().await;
     }
     Ok(())
 }
 
-/// (Re)attaches to the VM and its output gate, when it runs.
-async fn attach_vm(cfg: &Config, vm: &mut Vm) {
-    if vm.qmp.as_ref().is_some_and(|q| q.close_reason().is_none()) {
-        return;
-    }
-    vm.gate = None;
-    vm.qmp = None;
-    match attach::connect(&cfg.qmp).await {
-        Ok(q) => {
-            let dir = gate_dir(&cfg.store);
-            match Gate::attach_qemu(&cfg.name, q.clone(), &FilterBufferConfig::new(dir), cfg.bounds).await {
-                Ok(g) => vm.gate = Some(g),
-                Err(e) => tracing::warn!(vm = %cfg.name, "no output gate: {}", crate::store::error_chain(&e)),
-            }
-            vm.qmp = Some(q);
-            vm.failed = false;
-            tracing::info!(vm = %cfg.name, "attached");
+impl Agent {
+    /// Sends `msg` in the current session; seed messages advance the clock.
+    fn send(&mut self, msg: Msg) {
+        if msg.ticks() {
+            self.clock.tick(&self.cfg.name);
         }
-        Err(e) => tracing::warn!(vm = %cfg.name, "VM not reachable: {e}"),
-    }
-}
-
-type Tx = mpsc::UnboundedSender<Envelope>;
-
-fn send(tx: &Tx, clock: &mut VectorClock, me: &str, msg: Msg) {
-    if msg.ticks() {
-        clock.tick(me);
-    }
-    let _ = tx.send(Envelope { vt: clock.clone(), msg });
-}
-
-/// One connection to the coordinator.
-async fn session(
-    cfg: &Config,
-    store: &Store,
-    vm: &mut Vm,
-    clock: &mut VectorClock,
-    work: &mut Work,
-) -> Result<(), String> {
-    let (reader, mut writer): (
-        Box<dyn tokio::io::AsyncRead + Send + Unpin>,
-        Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
-    ) = match &cfg.coordinator {
-        Endpoint::Unix(p) => {
-            let s = tokio::net::UnixStream::connect(p).await.map_err(|e| format!("connect {}: {e}", p.display()))?;
-            let (r, w) = s.into_split();
-            (Box::new(r), Box::new(w))
+        if let Some(s) = &self.session {
+            let _ = s.tx.send(Envelope { inc: s.inc, vt: self.clock.clone(), msg });
         }
-        Endpoint::Tcp(a) => {
-            let s = tokio::net::TcpStream::connect(a).await.map_err(|e| format!("connect {a}: {e}"))?;
-            let (r, w) = s.into_split();
-            (Box::new(r), Box::new(w))
-        }
-    };
-    let mut reader = BufReader::new(reader);
-    let (tx, mut rx) = mpsc::unbounded_channel::<Envelope>();
-    let writer_task = tokio::spawn(async move {
-        while let Some(env) = rx.recv().await {
-            if proto::write(&mut writer, &env).await.is_err() {
-                break;
+    }
+
+    /// Sends `msg` for `at`, only if `at` belongs to the current incarnation.
+    fn send_for(&mut self, at: Tag, msg: Msg) {
+        match &self.session {
+            Some(s) if s.inc == at.inc => self.send(msg),
+            _ => {
+                tracing::info!(vm = %self.cfg.name, epoch = at.epoch, inc = at.inc, "not sent ({}): its incarnation is over", msg.kind())
             }
         }
-    });
-    let me = cfg.name.clone();
-    let pid = vm.qmp.as_ref().and_then(|q| q.peer_pid());
-    send(
-        &tx,
-        clock,
-        &me,
-        Msg::Register {
-            cluster: cfg.cluster.clone(),
-            name: cfg.name.clone(),
-            qmp: cfg.qmp.display().to_string(),
-            store: cfg.store.display().to_string(),
+    }
+
+    /// (Re)attaches to the VM and its output gate, when it runs; cleans what a dead
+    /// sidecar left.
+    async fn attach(&mut self) {
+        if self.qmp.as_ref().is_some_and(|q| q.close_reason().is_none()) || matches!(self.vm, VmState::Restoring(_)) {
+            return;
+        }
+        self.gate = None;
+        self.qmp = None;
+        match attach::connect(&self.cfg.qmp).await {
+            Ok(q) => {
+                let pid = q.peer_pid();
+                self.pid_start = pid.and_then(crate::process::start_time);
+                match leftovers::clean(&q, &self.store, &self.cfg.name).await {
+                    Ok(c) if c.resumed || !c.bitmaps.is_empty() => {
+                        tracing::warn!(vm = %self.cfg.name, resumed = c.resumed, bitmaps = ?c.bitmaps, "cleaned up after a dead sidecar");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(vm = %self.cfg.name, "cleaning leftovers failed: {}", error_chain(&e)),
+                }
+                let dir = gate_dir(&self.cfg.store);
+                match Gate::attach_qemu(&self.cfg.name, q.clone(), &FilterBufferConfig::new(dir), self.cfg.bounds).await
+                {
+                    Ok(g) => self.gate = Some(g),
+                    Err(e) => tracing::warn!(vm = %self.cfg.name, "no output gate: {}", error_chain(&e)),
+                }
+                self.qmp = Some(q);
+                let _ = self.vm.step(VmEvent::Attached { pid });
+                tracing::info!(vm = %self.cfg.name, ?pid, "attached");
+            }
+            Err(e) => {
+                tracing::warn!(vm = %self.cfg.name, "VM not reachable: {e}");
+                // Failed only on evidence: no QEMU process serves this VM's QMP socket.
+                if restore::qemus_serving(&self.cfg.qmp).is_empty() {
+                    let reason = format!("no QEMU process serves {}", self.cfg.qmp.display());
+                    self.vm_event(VmEvent::Exited { reason }).await;
+                }
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<
+        (FrameReader<Box<dyn tokio::io::AsyncRead + Send + Unpin>>, Box<dyn tokio::io::AsyncWrite + Send + Unpin>),
+        SessionError,
+    > {
+        type R = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+        type W = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+        let (r, w): (R, W) = match &self.cfg.coordinator {
+            Endpoint::Unix(p) => {
+                let s = tokio::net::UnixStream::connect(p)
+                    .await
+                    .map_err(|source| SessionError::Connect { addr: p.display().to_string(), source })?;
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Endpoint::Tcp(a) => {
+                let s = tokio::net::TcpStream::connect(a)
+                    .await
+                    .map_err(|source| SessionError::Connect { addr: a.clone(), source })?;
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+        };
+        Ok((FrameReader::new(r), w))
+    }
+
+    /// One connection to the coordinator.
+    async fn session(&mut self, done_rx: &mut mpsc::UnboundedReceiver<Done>) -> Result<(), SessionError> {
+        let (mut reader, mut writer) = self.connect().await?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<Envelope>();
+        let writer_task = tokio::spawn(async move {
+            while let Some(env) = rx.recv().await {
+                if crate::proto::write(&mut writer, &env).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let pid = self.qmp.as_ref().and_then(|q| q.peer_pid());
+        let register = Msg::Register {
+            version: PROTOCOL,
+            cluster: self.cfg.cluster.clone(),
+            name: self.cfg.name.clone(),
+            qmp: self.cfg.qmp.display().to_string(),
+            store: self.cfg.store.display().to_string(),
             pid,
-            token: cfg.token.clone(),
-        },
-    );
-    let welcome = proto::read(&mut reader).await.map_err(|e| e.to_string())?;
-    clock.merge(&welcome.vt);
-    let heartbeat = match welcome.msg {
-        Msg::Welcome { committed, heartbeat_ms } => {
-            // A checkpoint made durable for an epoch whose fate we missed: committed only
-            // if the coordinator says so.
-            if let Some((_, d)) = work.durable.take() {
-                if committed.contains(&d.manifest.id) {
-                    if let Some(q) = &vm.qmp {
-                        d.retire(q).await;
-                    }
-                } else if let Some(q) = &vm.qmp {
-                    let _ = d.discard(q, store).await;
+            pid_start: self.pid_start,
+            checkpoints: self.store.ids(&self.cfg.name).unwrap_or_default(),
+            token: self.cfg.token.clone(),
+        };
+        let _ = tx.send(Envelope { inc: 0, vt: self.clock.clone(), msg: register });
+        let welcome = reader.next().await?;
+        self.clock.merge(&welcome.vt);
+        let (inc, heartbeat) = match welcome.msg {
+            Msg::Welcome { version, .. } if version != PROTOCOL => {
+                return Err(SessionError::Version { theirs: version });
+            }
+            Msg::Welcome { incarnation, heartbeat_ms, committed, aborted, .. } => {
+                self.session = Some(Session { tx: tx.clone(), inc: incarnation });
+                self.welcome(&committed, &aborted).await;
+                (incarnation, Duration::from_millis(heartbeat_ms.max(50)))
+            }
+            Msg::Error { what } => return Err(SessionError::Refused(what)),
+            other => return Err(SessionError::NoWelcome(other.kind())),
+        };
+        tracing::info!(vm = %self.cfg.name, incarnation = inc, "registered with the coordinator");
+        if let VmState::Failed { reason } = &self.vm {
+            let reason = reason.clone();
+            self.send(Msg::VmFailed { reason });
+        }
+        // Heartbeats never wait behind the loop's work.
+        let beat_tx = tx.clone();
+        let beats = tokio::spawn(async move {
+            let mut t = tokio::time::interval(heartbeat);
+            loop {
+                t.tick().await;
+                let env = Envelope { inc, vt: VectorClock::default(), msg: Msg::Heartbeat };
+                if beat_tx.send(env).is_err() {
+                    break;
                 }
             }
-            discard_tentative(store, &cfg.name, &committed);
-            Duration::from_millis(heartbeat_ms.max(50))
+        });
+        let _guard = AbortOnDrop(vec![beats, writer_task]);
+        let mut breaches = self.gate.as_ref().map(|g| g.breaches());
+        let mut reattach = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            let vm_gone = {
+                let qmp = self
+                    .qmp
+                    .clone()
+                    .filter(|_| matches!(self.vm, VmState::Running { .. } | VmState::RestoredPaused { .. }));
+                async move {
+                    match qmp {
+                        Some(q) => q.closed().await.to_string(),
+                        None => std::future::pending().await,
+                    }
+                }
+            };
+            let breach = async {
+                match breaches.as_mut() {
+                    Some(b) => {
+                        if b.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                        *b.borrow()
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = reattach.tick() => {
+                    if self.qmp.is_none() && matches!(self.vm, VmState::Detached | VmState::Failed { .. }) {
+                        self.attach().await;
+                        breaches = self.gate.as_ref().map(|g| g.breaches());
+                    }
+                }
+                b = breach => {
+                    // A bound let held output go before the epoch committed: it cannot commit.
+                    if let (Some(b), Some(at)) = (b, self.slot.tag()) {
+                        self.send_for(at, Msg::StepFailed { epoch: at.epoch, reason: format!("output gate released early: {b:?}") });
+                    }
+                }
+                reason = vm_gone => {
+                    self.qmp = None;
+                    self.gate = None;
+                    tracing::warn!(vm = %self.cfg.name, %reason, "VM failed");
+                    self.vm_event(VmEvent::Exited { reason: format!("QEMU exited: {reason}") }).await;
+                }
+                done = done_rx.recv() => {
+                    if let Some(d) = done {
+                        self.on_done(d).await;
+                        breaches = self.gate.as_ref().map(|g| g.breaches());
+                    }
+                }
+                env = reader.next() => {
+                    let env = env?;
+                    if env.inc != inc {
+                        tracing::info!(vm = %self.cfg.name, "discarded {} of incarnation {} (session is {inc})", env.msg.kind(), env.inc);
+                        continue;
+                    }
+                    if env.msg.ticks() { self.clock.receive(&self.cfg.name, &env.vt) } else { self.clock.merge(&env.vt) }
+                    self.on_msg(inc, env.msg).await;
+                    breaches = self.gate.as_ref().map(|g| g.breaches());
+                }
+            }
+            if _guard.0.iter().any(|h| h.is_finished()) {
+                return Err(SessionError::Lost);
+            }
         }
-        Msg::Error { what } => return Err(format!("coordinator refused: {what}")),
-        other => return Err(format!("expected welcome, got {}", other.kind())),
-    };
-    tracing::info!(vm = %cfg.name, "registered with the coordinator");
-    if vm.qmp.is_none() && !vm.failed {
-        vm.failed = true;
-        send(&tx, clock, &me, Msg::VmFailed { reason: "QEMU is not reachable".into() });
     }
 
-    let Work { prepared, pending, durable, finishing, aborted, done_tx, done_rx } = work;
-    let mut ticker = tokio::time::interval(heartbeat);
-    // The epoch whose output is held or whose data is being stored (for gate breaches).
-    let mut in_flight: Option<u64> = None;
-    let mut breaches = vm.gate.as_ref().map(|g| g.breaches());
-    let mut hold_started: Option<Instant> = None;
-    loop {
-        let vm_gone = async {
-            match &vm.qmp {
-                Some(q) if !vm.failed => q.closed().await.to_string(),
-                _ => std::future::pending().await,
+    /// The coordinator says which checkpoints were committed and which aborted: the slot
+    /// settles, and exactly the aborted ones are discarded.
+    async fn welcome(&mut self, committed: &[u64], aborted: &[u64]) {
+        self.slot_event(SlotEvent::Welcome { committed: committed.to_vec(), aborted: aborted.to_vec() }).await;
+        let name = self.cfg.name.clone();
+        for id in aborted {
+            tracing::info!(vm = %name, id, "discarding a checkpoint the coordinator names aborted");
+            if let Err(e) = self.store.discard(&name, *id) {
+                tracing::warn!(vm = %name, id, "cannot discard: {e}");
             }
-        };
-        let breach = async {
-            match breaches.as_mut() {
-                Some(b) => {
-                    if b.changed().await.is_err() {
-                        std::future::pending::<()>().await;
-                    }
-                    *b.borrow()
-                }
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = ticker.tick() => send(&tx, clock, &me, Msg::Heartbeat),
-            b = breach => {
-                // A bound let the held output go before the epoch committed: it cannot commit.
-                if let (Some(b), Some(epoch)) = (b, in_flight) {
-                    send(&tx, clock, &me, Msg::StepFailed { epoch, reason: format!("output gate released early: {b:?}") });
-                }
-            }
-            reason = vm_gone => {
-                vm.failed = true;
-                tracing::warn!(vm = %me, %reason, "VM failed");
-                send(&tx, clock, &me, Msg::VmFailed { reason: format!("QEMU exited: {reason}") });
-            }
-            done = done_rx.recv() => match done {
-                Some(Done::Prepared(epoch, Ok(p))) => {
-                    if aborted.contains(&epoch) {
-                        p.abort().await;
-                    } else {
-                        if let Some((_, old)) = prepared.replace((epoch, *p)) { old.abort().await; }
-                        send(&tx, clock, &me, Msg::Vote { epoch, yes: true, reason: None });
-                    }
-                }
-                Some(Done::Prepared(epoch, Err(reason))) => send(&tx, clock, &me, Msg::Vote { epoch, yes: false, reason: Some(reason) }),
-                Some(Done::Durable(epoch, Ok(d))) if aborted.contains(&epoch) => {
-                    // Stored after its epoch aborted: it must not stay.
-                    match &vm.qmp {
-                        Some(q) => { let _ = d.discard(q, store).await; }
-                        None => { let _ = store.discard(&me, d.manifest.id); }
-                    }
-                }
-                Some(Done::Durable(epoch, Ok(d))) => {
-                    let digest = store.manifest_digest(&me, d.manifest.id).unwrap_or_default();
-                    clock.tick(&me); // seed 000: the checkpoint is stored
-                    send(&tx, clock, &me, Msg::Durable { epoch, checkpoint: d.manifest.id, digest, bytes_stored: d.manifest.bytes_stored });
-                    *durable = Some((epoch, *d));
-                }
-                Some(Done::Durable(epoch, Err(reason))) => send(&tx, clock, &me, Msg::StepFailed { epoch, reason }),
-                Some(Done::Restored(epoch, Ok(r))) => {
-                    attach_vm(cfg, vm).await;
-                    breaches = vm.gate.as_ref().map(|g| g.breaches());
-                    send(&tx, clock, &me, Msg::Restored { epoch, pid: r.pid, restore_ms: r.duration_ms });
-                }
-                Some(Done::Restored(epoch, Err(reason))) => send(&tx, clock, &me, Msg::StepFailed { epoch, reason }),
-                None => {}
-            },
-            env = proto::read(&mut reader) => {
-                let env = env.map_err(|e| e.to_string())?;
-                if env.msg.ticks() { clock.receive(&me, &env.vt) } else { clock.merge(&env.vt) }
-                match env.msg {
-                    Msg::Prepare { epoch } => {
-                        if let Some((_, p)) = prepared.take() { p.abort().await; }
-                        // Without its output gate a member could let an orphan message out.
-                        if vm.gate.is_none() && let Some(q) = vm.qmp.clone() {
-                            let dir = gate_dir(&cfg.store);
-                            match Gate::attach_qemu(&cfg.name, q, &FilterBufferConfig::new(dir), cfg.bounds).await {
-                                Ok(g) => {
-                                    breaches = Some(g.breaches());
-                                    vm.gate = Some(g);
-                                }
-                                Err(e) => {
-                                    let why = crate::store::error_chain(&e);
-                                    send(&tx, clock, &me, Msg::Vote { epoch, yes: false, reason: Some(format!("no output gate: {why}")) });
-                                    continue;
-                                }
-                            }
-                        }
-                        let (yes, reason) = vote(cfg, store, vm);
-                        match (yes, vm.qmp.clone()) {
-                            // Arm (targets, capabilities) so that the cut is short, once the
-                            // previous checkpoint is stored; the vote follows as `Done`.
-                            (true, Some(qmp)) => {
-                                let (store, name, done, previous) = (store.clone(), me.clone(), done_tx.clone(), finishing.take());
-                                tokio::spawn(async move {
-                                    if let Some(h) = previous {
-                                        let _ = h.await;
-                                    }
-                                    let r = checkpoint::prepare(&qmp, &store, &name, &Options::default(), &mut |_| {})
-                                        .await
-                                        .map(Box::new)
-                                        .map_err(|e| crate::store::error_chain(&e));
-                                    let _ = done.send(Done::Prepared(epoch, r));
-                                });
-                            }
-                            _ => send(&tx, clock, &me, Msg::Vote { epoch, yes: false, reason }),
-                        }
-                    }
-                    Msg::Cut { epoch } => {
-                        let Some(armed) = prepared.take().filter(|(e, _)| *e == epoch).map(|(_, p)| p) else {
-                            send(&tx, clock, &me, Msg::StepFailed { epoch, reason: "cut without a prepared checkpoint".into() });
-                            continue;
-                        };
-                        if let Some(g) = &vm.gate {
-                            if let Err(e) = g.hold().await {
-                                armed.abort().await;
-                                send(&tx, clock, &me, Msg::StepFailed { epoch, reason: format!("output gate: {e}") });
-                                continue;
-                            }
-                            hold_started = Some(Instant::now());
-                        }
-                        match armed.cut(&mut |_| {}).await {
-                            Ok(p) => {
-                                in_flight = Some(epoch);
-                                clock.tick(&me); // seed 000: the local checkpoint
-                                send(&tx, clock, &me, Msg::CutDone { epoch, checkpoint: p.id(), pause_ms: p.pause_ms() });
-                                *pending = Some((epoch, p));
-                            }
-                            Err(e) => {
-                                if let Some(g) = &vm.gate { let _ = g.release().await; }
-                                send(&tx, clock, &me, Msg::StepFailed { epoch, reason: crate::store::error_chain(&e) });
-                            }
-                        }
-                        // Storing runs while the guest does; the result comes back as `Done`.
-                        if let Some((e, p)) = pending.take() {
-                            let done = done_tx.clone();
-                            *finishing = Some(tokio::spawn(async move {
-                                let r = p.finish(&mut |_| {}).await.map(Box::new).map_err(|e| crate::store::error_chain(&e));
-                                let _ = done.send(Done::Durable(e, r));
-                            }));
-                        }
-                    }
-                    Msg::Release { epoch } => {
-                        let (hold_ms, packets, breach) = match &vm.gate {
-                            Some(g) => match g.release().await {
-                                Ok(Some(r)) => (r.held_for.as_secs_f64() * 1000.0, r.packets, r.breach.map(|b| format!("{b:?}"))),
-                                Ok(None) => (0.0, 0, None),
-                                Err(e) => (0.0, 0, Some(e.to_string())),
-                            },
-                            None => (hold_started.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0), 0, None),
-                        };
-                        hold_started = None;
-                        send(&tx, clock, &me, Msg::Released { epoch, hold_ms, packets, breach });
-                    }
-                    Msg::Commit { epoch, keep } => {
-                        if let (Some((e, d)), Some(q)) = (durable.take(), &vm.qmp) && e == epoch {
-                            d.retire(q).await;
-                        }
-                        // gc waits for other writers of the store: off the async threads.
-                        let (s, name) = (store.clone(), me.clone());
-                        tokio::task::spawn_blocking(move || {
-                            if let Err(e) = s.gc_keep(&name, &keep) {
-                                tracing::warn!(vm = %name, "pruning after commit failed: {e}");
-                            }
-                        });
-                        in_flight = None;
-                        tracing::info!(vm = %me, epoch, "epoch committed");
-                    }
-                    Msg::Abort { epoch, reason } => {
-                        tracing::warn!(vm = %me, epoch, %reason, "epoch aborted");
-                        aborted.insert(epoch);
-                        in_flight = None;
-                        if let Some(g) = &vm.gate { let _ = g.release().await; }
-                        if let Some((_, p)) = prepared.take() { p.abort().await; }
-                        if let Some((_, p)) = pending.take() { p.abort().await; }
-                        if let Some((_, d)) = durable.take()
-                            && let Some(q) = &vm.qmp
-                        {
-                            let _ = d.discard(q, store).await;
-                        }
-                    }
-                    Msg::Restore { epoch, checkpoint } => {
-                        // Our QMP connection would keep the restore from reaching QEMU.
-                        vm.gate = None;
-                        vm.qmp = None;
-                        vm.failed = true;
-                        if let Some((_, p)) = prepared.take() { p.abort().await; }
-                        *pending = None;
-                        *durable = None;
-                        let (store, me2, done) = (store.clone(), me.clone(), done_tx.clone());
-                        let previous = finishing.take();
-                        tokio::spawn(async move {
-                            // A checkpoint still being stored holds the VM's lock: let it end.
-                            if let Some(h) = previous {
-                                let _ = h.await;
-                            }
-                            let r = restore::restore(&store, &me2, Some(checkpoint), true, &mut |_| {})
-                                .await
-                                .map_err(|e| crate::store::error_chain(&e));
-                            let _ = done.send(Done::Restored(epoch, r));
-                        });
-                    }
-                    Msg::Resume => {
-                        let r = match &vm.qmp {
-                            Some(q) => q.execute_raw("cont", json!({})).await.map(|_| ()).map_err(|e| e.to_string()),
-                            None => Err("VM not attached".into()),
-                        };
-                        match r {
-                            Ok(()) => send(&tx, clock, &me, Msg::Resumed),
-                            Err(reason) => send(&tx, clock, &me, Msg::StepFailed { epoch: 0, reason }),
-                        }
-                    }
-                    Msg::Error { what } => tracing::warn!(vm = %me, "coordinator: {what}"),
-                    other => tracing::warn!(vm = %me, "unexpected {} from the coordinator", other.kind()),
-                }
-            }
-        }
-        if writer_task.is_finished() {
-            return Err("connection to the coordinator lost".into());
         }
     }
+
+    /// Why this VM cannot take part in an epoch now, if it cannot.
+    fn refusal(&self) -> Option<String> {
+        if !self.vm.can_checkpoint() || self.qmp.is_none() {
+            return Some(format!("VM {}", self.vm.name()));
+        }
+        let refusal = refusal_file(self.store.root(), &self.cfg.name);
+        if refusal.exists() {
+            return Some(format!("checkpoints refused by {}", refusal.display()));
+        }
+        match nix::sys::statvfs::statvfs(self.store.root()) {
+            Ok(s) => {
+                let free = s.blocks_available() * s.fragment_size();
+                (free < MIN_FREE).then(|| {
+                    format!(
+                        "store {} has {} MiB free, needs {} MiB",
+                        self.cfg.store.display(),
+                        free >> 20,
+                        MIN_FREE >> 20
+                    )
+                })
+            }
+            Err(e) => Some(format!("store {}: {e}", self.cfg.store.display())),
+        }
+    }
+
+    async fn on_msg(&mut self, inc: u64, msg: Msg) {
+        let tag = |epoch| Tag { inc, epoch };
+        match msg {
+            Msg::Prepare { epoch } => {
+                if let Some(reason) = self.refusal() {
+                    return self.send(Msg::Vote { epoch, yes: false, reason: Some(reason) });
+                }
+                // Without its output gate a member could let an orphan message out.
+                if self.gate.is_none()
+                    && let Some(q) = self.qmp.clone()
+                {
+                    let dir = gate_dir(&self.cfg.store);
+                    match Gate::attach_qemu(&self.cfg.name, q, &FilterBufferConfig::new(dir), self.cfg.bounds).await {
+                        Ok(g) => self.gate = Some(g),
+                        Err(e) => {
+                            let reason = Some(format!("no output gate: {}", error_chain(&e)));
+                            return self.send(Msg::Vote { epoch, yes: false, reason });
+                        }
+                    }
+                }
+                self.slot_event(SlotEvent::Prepare(tag(epoch))).await;
+            }
+            Msg::Cut { epoch } => self.slot_event(SlotEvent::Cut(tag(epoch))).await,
+            Msg::Release { epoch } => {
+                let (hold_ms, packets, breach) = match &self.gate {
+                    Some(g) => match g.release().await {
+                        Ok(Some(r)) => {
+                            (r.held_for.as_secs_f64() * 1000.0, r.packets, r.breach.map(|b| format!("{b:?}")))
+                        }
+                        Ok(None) => (0.0, 0, None),
+                        Err(e) => (0.0, 0, Some(e.to_string())),
+                    },
+                    None => (self.hold_started.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0), 0, None),
+                };
+                self.hold_started = None;
+                self.send(Msg::Released { epoch, hold_ms, packets, breach });
+            }
+            Msg::Commit { epoch, keep } => {
+                self.slot_event(SlotEvent::Commit(tag(epoch))).await;
+                failpoint::hit("sidecar-after-commit");
+                if !keep.is_empty() {
+                    // gc waits for other writers of the store: off the async threads.
+                    let (s, name) = (self.store.clone(), self.cfg.name.clone());
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = s.gc_keep(&name, &keep) {
+                            tracing::warn!(vm = %name, "pruning after commit failed: {e}");
+                        }
+                    });
+                }
+                tracing::info!(vm = %self.cfg.name, epoch, "epoch committed");
+            }
+            Msg::Abort { epoch, reason } => {
+                tracing::warn!(vm = %self.cfg.name, epoch, %reason, "epoch aborted");
+                self.slot_event(SlotEvent::Abort(tag(epoch))).await;
+            }
+            Msg::Restore { epoch, checkpoint, digest } => {
+                self.restore_for = Some((checkpoint, digest));
+                self.vm_event(VmEvent::Restore(tag(epoch))).await;
+            }
+            Msg::Resume { epoch } => self.vm_event(VmEvent::Resume(tag(epoch))).await,
+            Msg::Verify { epoch, checkpoint, digest } => {
+                let (store, name, done) = (self.store.clone(), self.cfg.name.clone(), self.done_tx.clone());
+                tokio::task::spawn_blocking(move || {
+                    let damage = verify(&store, &name, checkpoint, &digest);
+                    let _ = done.send(Done::Verified(epoch, damage));
+                });
+            }
+            Msg::Error { what } => tracing::warn!(vm = %self.cfg.name, "coordinator: {what}"),
+            other => tracing::warn!(vm = %self.cfg.name, "unexpected {} from the coordinator", other.kind()),
+        }
+    }
+}
+
+/// Aborts tasks when a session ends.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for h in &self.0 {
+            h.abort();
+        }
+    }
+}
+
+/// Re-hashes checkpoint `id` of `name`: the manifest against the committed digest, then
+/// every block it needs. Each problem names the item.
+fn verify(store: &Store, name: &str, id: u64, digest: &str) -> Vec<String> {
+    let mut damage = Vec::new();
+    match store.manifest_digest(name, id) {
+        Ok(d) if d == digest => {}
+        Ok(d) => damage.push(format!("manifest of checkpoint {id}: digest {d}, recorded {digest}")),
+        Err(e) => damage.push(format!("manifest of checkpoint {id}: {e}")),
+    }
+    match store.verify(Some(name), |_, _| {}) {
+        Ok(found) => damage.extend(
+            found
+                .into_iter()
+                .filter(|d| d.breaks.iter().any(|(n, i)| n == name && *i == id))
+                .map(|d| format!("{}: {}", d.item, d.why)),
+        ),
+        Err(e) => damage.push(format!("store: {e}")),
+    }
+    damage
 }
 
 /// Least free space in the store for a yes vote.
@@ -473,49 +549,6 @@ pub fn refusal_file(store: &std::path::Path, name: &str) -> PathBuf {
     store.join("vms").join(name).join("no-checkpoints")
 }
 
-/// Ready for a cut? No when the VM is down, the store is short of room, or an operator
-/// asked this VM to sit epochs out ([`refusal_file`]).
-fn vote(cfg: &Config, store: &Store, vm: &Vm) -> (bool, Option<String>) {
-    if vm.failed || vm.qmp.is_none() {
-        return (false, Some("VM not running".into()));
-    }
-    let refusal = refusal_file(store.root(), &cfg.name);
-    if refusal.exists() {
-        return (false, Some(format!("checkpoints refused by {}", refusal.display())));
-    }
-    match nix::sys::statvfs::statvfs(store.root()) {
-        Ok(s) => {
-            let free = s.blocks_available() * s.fragment_size();
-            let need = MIN_FREE;
-            if free < need {
-                return (
-                    false,
-                    Some(format!(
-                        "store {} has {} MiB free, needs {} MiB",
-                        cfg.store.display(),
-                        free >> 20,
-                        need >> 20
-                    )),
-                );
-            }
-        }
-        Err(e) => return (false, Some(format!("store {}: {e}", cfg.store.display()))),
-    }
-    (true, None)
-}
-
-/// Removes checkpoints of `name` newer than every committed one: tentative data of an
-/// epoch the coordinator never committed.
-fn discard_tentative(store: &Store, name: &str, committed: &[u64]) {
-    let newest = committed.iter().max().copied().unwrap_or(0);
-    for id in store.ids(name).unwrap_or_default() {
-        if id > newest {
-            tracing::info!(vm = name, id, "discarding a tentative checkpoint the cluster did not commit");
-            let _ = store.discard(name, id);
-        }
-    }
-}
-
 /// Where the output gate's mirror sockets live: beside the store's work files, but not
 /// among them (gc empties `tmp/`).
 fn gate_dir(store: &std::path::Path) -> PathBuf {
@@ -523,3 +556,6 @@ fn gate_dir(store: &std::path::Path) -> PathBuf {
     let _ = std::fs::create_dir_all(&dir);
     dir
 }
+
+#[path = "agent_effects.rs"]
+mod effects;

@@ -87,7 +87,7 @@ pub enum CheckpointError {
     QemuGone(String),
 }
 
-fn qemu(step: &'static str) -> impl FnOnce(QmpError) -> CheckpointError {
+pub(crate) fn qemu(step: &'static str) -> impl FnOnce(QmpError) -> CheckpointError {
     move |source| {
         if source.is_disconnected() {
             CheckpointError::QemuGone(source.to_string())
@@ -206,6 +206,8 @@ struct Undo {
     targets: Vec<(String, PathBuf)>,
     bitmaps: Vec<(String, String)>,
     created: Vec<Hash>,
+    /// The cut marker, removed once the guest runs again.
+    cut_marker: Option<PathBuf>,
 }
 
 impl Undo {
@@ -247,6 +249,9 @@ impl Undo {
         }
         if self.stopped {
             let _ = qmp.execute_raw("cont", json!({})).await;
+        }
+        if let Some(m) = &self.cut_marker {
+            let _ = std::fs::remove_file(m);
         }
         remove_unreferenced(store, &self.created);
     }
@@ -365,8 +370,11 @@ pub async fn prepare(
     let shared = tokio::task::spawn_blocking(move || s.lock_shared())
         .await
         .map_err(|e| CheckpointError::Migration(format!("lock task: {e}")))??;
+    // A crash of an earlier attempt must not wedge this one: resume a guest its cut left
+    // stopped, drop bitmaps without a manifest; ids stay above every bitmap's.
+    let cleaned = crate::leftovers::clean(qmp, store, name).await?;
     let ident = attach::identify(qmp, std::path::Path::new(qmp.target())).await?;
-    let id = store.next_id(name)?;
+    let id = store.reserve_id(name, cleaned.highest_bitmap)?;
     progress(&format!(
         "checkpoint {id} of {name}: {} MiB RAM, {} writable disk(s)",
         ident.ram_bytes >> 20,
@@ -418,6 +426,14 @@ impl Prepared {
     pub async fn cut(self, progress: &mut (dyn FnMut(&str) + Send)) -> Result<Pending, CheckpointError> {
         let Prepared { qmp, store, name, id, ident, opts, armed, mut undo, started, vm, shared } = self;
         let background = armed.background;
+        // Marked before `stop`: if this process dies with the guest stopped, the next
+        // attach resumes it.
+        if let Err(e) = crate::leftovers::mark_cut(&store, &name, qmp.peer_pid()) {
+            drop(shared);
+            undo.run(&qmp, &store).await;
+            return Err(e.into());
+        }
+        undo.cut_marker = Some(store.cut_marker(&name));
         let mut result = fire(&qmp, &ident, armed, started, &mut undo, progress).await;
         // Some refusals of background-snapshot come only at `migrate` (memory backends
         // without userfaultfd write-protect): undo, and cut again by stop-and-copy.
@@ -428,6 +444,8 @@ impl Prepared {
             tracing::warn!(vm = %name, %reason, "falling back to stop-and-copy");
             progress(&format!("{reason}; falling back to stop-and-copy"));
             std::mem::take(&mut undo).run(&qmp, &store).await;
+            let _ = crate::leftovers::mark_cut(&store, &name, qmp.peer_pid());
+            undo.cut_marker = Some(store.cut_marker(&name));
             let fallback = Options { stop_and_copy: true, ..opts.clone() };
             result = match arm(&qmp, &store, &name, id, &ident, &fallback, Some(reason), &mut undo).await {
                 Ok(armed) => fire(&qmp, &ident, armed, started, &mut undo, progress).await,
@@ -435,7 +453,11 @@ impl Prepared {
             };
         }
         match result {
-            Ok(cut) => Ok(Pending { qmp, store, name, id, ident, cut, undo, _vm: vm, shared }),
+            Ok(cut) => {
+                crate::leftovers::unmark_cut(&store, &name);
+                undo.cut_marker = None;
+                Ok(Pending { qmp, store, name, id, ident, cut, undo, _vm: vm, shared })
+            }
             Err(e) => {
                 tracing::warn!(vm = %name, id, error = %e, "checkpoint aborted at the cut");
                 drop(shared);
@@ -687,6 +709,7 @@ async fn fire(
     }
     let migrating = results.next().unwrap_or(Ok(Value::Null));
     undo.migrating = migrating.is_ok();
+    crate::failpoint::hit("sidecar-mid-cut");
     stopped.map_err(qemu("stop"))?;
     disk_cut.map_err(qemu("disk cut (transaction)"))?;
     migrating.map_err(qemu("migrate"))?;
@@ -890,7 +913,7 @@ fn unique() -> String {
 
 /// Removes what an attempt whose sidecar died left in QEMU: backup jobs, targets, a
 /// migration in progress. Their names are cutline's own.
-async fn clear_leftovers(qmp: &Qmp) -> Result<(), CheckpointError> {
+pub(crate) async fn clear_leftovers(qmp: &Qmp) -> Result<(), CheckpointError> {
     let jobs = qmp.execute_raw("query-block-jobs", json!({})).await.map_err(qemu("query-block-jobs"))?;
     let ours: Vec<String> = jobs
         .as_array()

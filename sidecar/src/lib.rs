@@ -6,11 +6,15 @@ pub mod agent;
 pub mod attach;
 pub mod checkpoint;
 pub mod disk;
+pub mod leftovers;
+pub mod failpoint;
 pub mod memory;
 pub mod process;
-pub mod proto;
+pub use cutline_proto as proto;
 pub mod restore;
+pub mod slot;
 pub mod store;
+pub mod vm;
 
 /// Resolves on SIGINT or SIGTERM: the shutdown signal of cutline's daemons.
 pub async fn shutdown_signal() {

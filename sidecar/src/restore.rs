@@ -79,6 +79,39 @@ pub enum RestoreError {
     /// The incoming migration failed.
     #[error("loading the saved state failed: {0}")]
     Incoming(String),
+    /// The manifest is not the one the commit record names.
+    #[error("checkpoint {id} of {name}: manifest digest {actual} is not the committed {expected}")]
+    NotCommitted {
+        /// VM name.
+        name: String,
+        /// Checkpoint id.
+        id: u64,
+        /// Its digest now.
+        actual: String,
+        /// The digest committed.
+        expected: String,
+    },
+    /// A QEMU of this VM still runs after it was stopped: relaunching would run it twice.
+    #[error("QEMU of {qmp} still runs (pid {pids:?}): not relaunching a second instance")]
+    StillRuns {
+        /// The VM's QMP socket.
+        qmp: String,
+        /// The processes.
+        pids: Vec<i32>,
+    },
+}
+
+/// How to restore.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The checkpoint (the newest when `None`).
+    pub id: Option<u64>,
+    /// Leave the guest paused.
+    pub paused: bool,
+    /// The manifest digest a commit record holds: restore refuses any other manifest.
+    pub digest: Option<String>,
+    /// The QEMU the caller knows runs this VM now: (pid, start time).
+    pub running: Option<(i32, Option<u64>)>,
 }
 
 fn qemu(step: &'static str) -> impl FnOnce(QmpError) -> RestoreError {
@@ -130,8 +163,31 @@ pub async fn restore(
     paused: bool,
     progress: &mut (dyn FnMut(&str) + Send),
 ) -> Result<Report, RestoreError> {
+    restore_with(store, name, &Options { id, paused, ..Options::default() }, progress).await
+}
+
+/// Restores a checkpoint of `name` as `opts` says.
+pub async fn restore_with(
+    store: &Store,
+    name: &str,
+    opts: &Options,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> Result<Report, RestoreError> {
+    let (id, paused) = (opts.id, opts.paused);
     let started = Instant::now();
-    let _vm = store.lock_vm(name)?;
+    // A checkpoint being armed or stored holds the VM for a moment: wait for it.
+    let _vm = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match store.lock_vm(name) {
+                Ok(l) => break l,
+                Err(StoreError::Busy { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
     let id = match id {
         Some(id) => id,
         None => *store.ids(name)?.last().ok_or_else(|| StoreError::NoCheckpoint {
@@ -141,6 +197,12 @@ pub async fn restore(
         })?,
     };
     let m = store.manifest(name, id)?;
+    if let Some(expected) = &opts.digest {
+        let actual = store.manifest_digest(name, id)?;
+        if &actual != expected {
+            return Err(RestoreError::NotCommitted { name: name.to_owned(), id, actual, expected: expected.clone() });
+        }
+    }
     progress(&format!("verifying checkpoint {id} of {name}"));
     let blocks = store.blocks().clone();
     let hashes: Vec<String> = m.blocks().map(str::to_owned).collect();
@@ -214,7 +276,13 @@ pub async fn restore(
     // From here the old guest goes away.
     let qmp_path = resolve(&m, &m.qmp);
     let down_at = Instant::now();
-    stop_running(&qmp_path, m.pidfile.as_deref().map(|p| resolve(&m, p))).await?;
+    stop_running(&qmp_path, m.pidfile.as_deref().map(|p| resolve(&m, p)), opts.running).await?;
+    // Relaunch only when no QEMU of this VM is left: never two instances on one disk.
+    let left = qemus_serving(&qmp_path);
+    if !left.is_empty() {
+        return Err(RestoreError::StillRuns { qmp: qmp_path.display().to_string(), pids: left });
+    }
+    crate::failpoint::hit("sidecar-during-restore");
     for (tmp, original) in &staged {
         std::fs::rename(tmp, original)
             .map_err(|e| RestoreError::Relaunch(format!("cannot put {} in place: {e}", original.display())))?;
@@ -363,15 +431,50 @@ fn resolve(m: &Manifest, p: &str) -> PathBuf {
     }
 }
 
+/// QEMU processes (by argv[0]) whose command line names `qmp_path`: the instances of this
+/// VM, found without its QMP socket (which may be busy or gone).
+pub fn qemus_serving(qmp_path: &Path) -> Vec<i32> {
+    let needle = qmp_path.display().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let mut args = cmdline.split(|&b| b == 0).map(String::from_utf8_lossy);
+        let is_qemu = args.next().is_some_and(|a0| {
+            Path::new(a0.as_ref()).file_name().is_some_and(|f| f.to_string_lossy().starts_with("qemu-system"))
+        });
+        if is_qemu && args.any(|a| a.contains(&needle)) && !crate::process::is_gone(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 /// Stops the guest that runs on `qmp_path` now, if any: `quit`, then SIGKILL after 10 s.
-async fn stop_running(qmp_path: &Path, pidfile: Option<PathBuf>) -> Result<(), RestoreError> {
-    let pid = match Qmp::connect(qmp_path).await {
-        Ok(qmp) => {
+/// Its pid comes from QMP, else from what the caller knows (checked by start time), else
+/// the pidfile, else the process table.
+async fn stop_running(
+    qmp_path: &Path,
+    pidfile: Option<PathBuf>,
+    known: Option<(i32, Option<u64>)>,
+) -> Result<(), RestoreError> {
+    let connected = tokio::time::timeout(Duration::from_secs(3), Qmp::connect(qmp_path)).await;
+    let pid = match connected {
+        Ok(Ok(qmp)) => {
             let pid = qmp.peer_pid();
             let _ = qmp.execute_raw("quit", json!({})).await;
             pid
         }
-        Err(_) => pidfile.and_then(|p| std::fs::read_to_string(p).ok()).and_then(|s| s.trim().parse().ok()),
+        _ => known
+            .filter(|(p, start)| crate::process::runs(*p, *start))
+            .map(|(p, _)| p)
+            .or_else(|| {
+                pidfile
+                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .and_then(|s| s.trim().parse().ok())
+                    .filter(|p| qemus_serving(qmp_path).contains(p))
+            })
+            .or_else(|| qemus_serving(qmp_path).first().copied()),
     };
     let Some(pid) = pid else { return Ok(()) };
     let target = nix::unistd::Pid::from_raw(pid);

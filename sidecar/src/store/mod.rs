@@ -175,6 +175,17 @@ impl Store {
         self.lock(self.vm_dir(name).join("lock"), format!("VM {name}"), FlockArg::LockExclusiveNonblock)
     }
 
+    /// Locks VM `name` for the lifetime of its sidecar agent, without waiting: a second
+    /// agent for the same VM gets `Busy`.
+    pub fn lock_owner(&self, name: &str) -> Result<Lock, StoreError> {
+        self.lock(self.vm_dir(name).join("owner"), format!("VM {name}'s sidecar"), FlockArg::LockExclusiveNonblock)
+    }
+
+    /// The marker a cut leaves while it has the guest stopped: `vms/NAME/cutting`.
+    pub fn cut_marker(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("cutting")
+    }
+
     /// Shared store lock, held while blocks are written that no manifest references yet.
     pub fn lock_shared(&self) -> Result<Lock, StoreError> {
         self.lock(self.root.join("lock"), "the store".into(), FlockArg::LockShared)
@@ -246,9 +257,29 @@ impl Store {
         }
     }
 
-    /// The id the next checkpoint of `name` gets.
+    /// The id the next checkpoint of `name` would get: above every manifest and every id
+    /// handed out before (`vms/NAME/last-id`).
     pub fn next_id(&self, name: &str) -> Result<u64, StoreError> {
-        Ok(self.ids(name)?.last().map_or(1, |l| l + 1))
+        let manifests = self.ids(name)?.last().copied().unwrap_or(0);
+        let issued = std::fs::read_to_string(self.vm_dir(name).join("last-id"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        Ok(manifests.max(issued) + 1)
+    }
+
+    /// Hands out the next checkpoint id of `name`, above `above` too (the ids of QEMU
+    /// bitmaps): ids are never reused, whatever a crash left. Durable before it returns.
+    pub fn reserve_id(&self, name: &str, above: u64) -> Result<u64, StoreError> {
+        let id = self.next_id(name)?.max(above + 1);
+        let dir = self.vm_dir(name);
+        std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        let tmp = dir.join(".last-id.tmp");
+        write_durably(&tmp, id.to_string().as_bytes())?;
+        let path = dir.join("last-id");
+        std::fs::rename(&tmp, &path).map_err(io("cannot rename into place", &path))?;
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", &dir))?;
+        Ok(id)
     }
 
     /// Makes every block written so far durable, then writes the manifest atomically:

@@ -1,0 +1,815 @@
+//! The coordinator's actor: membership, failure detection on evidence, and the effects of
+//! the [`Phase`] machine. Nothing here blocks: records and state are written on the
+//! blocking pool, verification runs in the sidecars, liveness is read from /proc.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use sidecar::proto::{COORDINATOR, Envelope, Msg, PROTOCOL, Request, VectorClock};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::figures::Figures;
+use crate::phase::{Effect, Event, Phase, RecoveryPlan, Settings};
+use crate::record::{Catalog, EpochTimings, MemberRecord, Record};
+use crate::server::{Config, Rollback};
+use crate::state::{self, MemberInfo, StateDir};
+
+/// Messages to one connection.
+pub type Tx = mpsc::UnboundedSender<Envelope>;
+/// An answer to the CLI.
+pub type Reply = oneshot::Sender<Result<Value, String>>;
+
+/// Inputs of the actor.
+pub enum Input {
+    /// A sidecar's first message.
+    Register {
+        /// Connection id.
+        conn: u64,
+        /// Its writer.
+        tx: Tx,
+        /// Over the unix socket (same host: its pids mean something here).
+        local: bool,
+        /// The message.
+        env: Envelope,
+    },
+    /// A later message of a sidecar.
+    Msg {
+        /// Connection id.
+        conn: u64,
+        /// The message.
+        env: Envelope,
+    },
+    /// A sidecar's connection closed.
+    Closed {
+        /// Connection id.
+        conn: u64,
+    },
+    /// The CLI asks.
+    Ask {
+        /// What.
+        request: Request,
+        /// Where the answer goes.
+        reply: Reply,
+    },
+    /// A record write finished.
+    RecordDone {
+        /// The epoch.
+        epoch: u64,
+        /// Its outcome.
+        result: Result<(), String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Health {
+    /// No sidecar since this coordinator started.
+    Unknown,
+    Up,
+    VmFailed(String),
+    SidecarLost(String),
+}
+
+struct Conn {
+    id: u64,
+    tx: Tx,
+    local: bool,
+}
+
+struct Member {
+    info: MemberInfo,
+    pid: Option<i32>,
+    pid_start: Option<u64>,
+    conn: Option<Conn>,
+    last_seen: Instant,
+    health: Health,
+}
+
+struct PendingVerify {
+    epoch: u64,
+    waiting: BTreeSet<String>,
+    damage: Vec<Value>,
+    reply: Reply,
+    deadline: Instant,
+}
+
+/// The coordinator's actor.
+pub struct Actor {
+    cfg: Config,
+    cluster: String,
+    catalog: Catalog,
+    dir: Arc<StateDir>,
+    durable: state::Durable,
+    members: BTreeMap<String, Member>,
+    clock: VectorClock,
+    phase: Phase,
+    settings: Settings,
+    last_interval: Instant,
+    last_recovery: Option<Instant>,
+    figures: Figures,
+    epoch_waiters: BTreeMap<u64, Vec<Reply>>,
+    recovery_waiters: Vec<Reply>,
+    verifies: Vec<PendingVerify>,
+    inputs: mpsc::UnboundedSender<Input>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl Actor {
+    /// A new incarnation over `dir` (locked) and `catalog`; its state is already saved.
+    pub fn new(
+        cfg: Config,
+        cluster: String,
+        catalog: Catalog,
+        dir: StateDir,
+        durable: state::Durable,
+        inputs: mpsc::UnboundedSender<Input>,
+    ) -> Actor {
+        let members = durable
+            .members
+            .iter()
+            .map(|(n, info)| {
+                let m = Member {
+                    info: info.clone(),
+                    pid: None,
+                    pid_start: None,
+                    conn: None,
+                    last_seen: Instant::now(),
+                    health: Health::Unknown,
+                };
+                (n.clone(), m)
+            })
+            .collect();
+        let settings = Settings {
+            step_timeout: cfg.step_timeout,
+            output_commit: cfg.output_commit,
+            recovery_attempts: cfg.recovery_attempts,
+        };
+        Actor {
+            last_interval: Instant::now(),
+            cfg,
+            cluster,
+            catalog,
+            dir: Arc::new(dir),
+            durable,
+            members,
+            clock: VectorClock::default(),
+            phase: Phase::Idle,
+            settings,
+            last_recovery: None,
+            figures: Figures::default(),
+            epoch_waiters: BTreeMap::new(),
+            recovery_waiters: Vec::new(),
+            verifies: Vec::new(),
+            inputs,
+        }
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.durable.incarnation
+    }
+
+    fn send_one(&self, name: &str, msg: Msg) {
+        if let Some(Member { conn: Some(c), .. }) = self.members.get(name) {
+            let _ = c.tx.send(Envelope { inc: self.incarnation(), vt: self.clock.clone(), msg });
+        } else {
+            tracing::debug!(vm = %name, msg = msg.kind(), "not sent: no sidecar connected");
+        }
+    }
+
+    /// Applies `event` to the phase and carries out its effects; a refusal is logged.
+    fn step(&mut self, event: Event) {
+        let what = format!("{event:?}").chars().take(120).collect::<String>();
+        match self.phase.step(event, Instant::now(), &self.settings) {
+            Ok(effects) => {
+                for e in effects {
+                    self.effect(e);
+                }
+            }
+            Err(refused) => {
+                self.figures.discarded += 1;
+                tracing::info!(state = %refused.state, "discarded: {} ({what})", refused.why);
+            }
+        }
+    }
+
+    fn effect(&mut self, effect: Effect) {
+        match effect {
+            Effect::Send { to, msg } => {
+                if msg.ticks() {
+                    self.clock.tick(COORDINATOR);
+                }
+                let (prepare, restore) = (matches!(msg, Msg::Prepare { .. }), matches!(msg, Msg::Restore { .. }));
+                for n in &to {
+                    self.send_one(n, msg.clone());
+                }
+                if prepare {
+                    sidecar::failpoint::hit("coordinator-after-prepare");
+                }
+                if restore {
+                    sidecar::failpoint::hit("coordinator-during-recovery");
+                }
+            }
+            Effect::WriteRecord { epoch, members, timings } => self.write_record(epoch, members, timings),
+            Effect::Committed { epoch, members } => self.committed(epoch, &members),
+            Effect::Aborted { epoch, reason } => {
+                tracing::warn!(epoch, "epoch aborted: {reason}");
+                self.figures.aborted.push(json!({"epoch": epoch, "reason": reason, "at_unix_ms": now_ms()}));
+                self.figures.aborted_in_a_row += 1;
+                for w in self.epoch_waiters.remove(&epoch).unwrap_or_default() {
+                    let _ = w.send(Err(format!("epoch {epoch} aborted: {reason}")));
+                }
+            }
+            Effect::Recovered { epoch, recovery_ms, members, reason, attempts } => {
+                tracing::info!(epoch, recovery_ms, attempts, "cluster recovered");
+                for n in &members {
+                    if let Some(m) = self.members.get_mut(n) {
+                        m.health = Health::Up;
+                    }
+                }
+                self.figures.recovery_ms.push(recovery_ms);
+                let entry = json!({"epoch": epoch, "recovery_ms": recovery_ms, "reason": reason,
+                    "members": members, "attempts": attempts});
+                self.figures.recoveries.push(entry.clone());
+                for w in self.recovery_waiters.drain(..) {
+                    let _ = w.send(Ok(entry.clone()));
+                }
+                self.last_interval = Instant::now();
+            }
+            Effect::Halted { reason } => {
+                tracing::error!("cluster halted: {reason}");
+                self.figures.halts.push(json!({"reason": reason, "at_unix_ms": now_ms()}));
+                for w in self.recovery_waiters.drain(..) {
+                    let _ = w.send(Err(format!("halted: {reason}")));
+                }
+            }
+        }
+    }
+
+    fn write_record(&mut self, epoch: u64, members: Vec<crate::phase::Commitment>, timings: [f64; 4]) {
+        let members = members
+            .into_iter()
+            .map(|c| {
+                let info = self.members.get(&c.name).map(|m| m.info.clone());
+                MemberRecord {
+                    store: info.as_ref().map(|i| i.store.clone()).unwrap_or_default(),
+                    qmp: info.map(|i| i.qmp).unwrap_or_default(),
+                    name: c.name,
+                    checkpoint: c.checkpoint,
+                    manifest_digest: c.digest,
+                    pause_ms: c.pause_ms,
+                    hold_ms: c.released.0,
+                    packets_held: c.released.1,
+                    bytes_stored: c.bytes_stored,
+                    vt: c.vt,
+                }
+            })
+            .collect();
+        let [prepare_ms, cut_ms, durable_ms, total_ms] = timings;
+        let mut record = Record {
+            format: crate::record::FORMAT,
+            cluster: self.cluster.clone(),
+            epoch,
+            committed_unix_ms: now_ms(),
+            output_commit: format!("{:?}", self.cfg.output_commit).to_lowercase(),
+            members,
+            coordinator_vt: self.clock.clone(),
+            timings: EpochTimings { prepare_ms, cut_ms, durable_ms, total_ms },
+            checksum: String::new(),
+        };
+        sidecar::failpoint::hit("coordinator-before-record");
+        let (catalog, inputs) = (self.catalog.clone(), self.inputs.clone());
+        let started = Instant::now();
+        tokio::task::spawn_blocking(move || {
+            let result = catalog.commit(&mut record).map_err(|e| e.to_string());
+            if result.is_ok() {
+                sidecar::failpoint::hit("coordinator-after-record");
+            }
+            tracing::debug!(epoch, commit_ms = ms(started.elapsed()), "record written");
+            let _ = inputs.send(Input::RecordDone { epoch, result });
+        });
+    }
+
+    fn committed(&mut self, epoch: u64, members: &[String]) {
+        self.catalog.prune(self.cfg.keep.max(1));
+        for n in members {
+            let keep = self.committed_ids(n);
+            self.send_one(n, Msg::Commit { epoch, keep });
+        }
+        let record = self.catalog.read(epoch).ok();
+        if let Some(r) = &record {
+            for m in &r.members {
+                self.figures.pause_ms.push(m.pause_ms);
+                self.figures.hold_ms.push(m.hold_ms);
+            }
+            self.figures.epoch_ms.push(r.timings.total_ms);
+        }
+        self.figures.aborted_in_a_row = 0;
+        self.figures.committed.push(json!({"epoch": epoch, "members": members, "at_unix_ms": now_ms()}));
+        tracing::info!(epoch, members = members.len(), "epoch committed");
+        let summary = match record {
+            Some(r) => json!({"epoch": epoch, "members": r.members, "timings": r.timings}),
+            None => json!({"epoch": epoch}),
+        };
+        for w in self.epoch_waiters.remove(&epoch).unwrap_or_default() {
+            let _ = w.send(Ok(summary.clone()));
+        }
+    }
+
+    fn committed_ids(&self, name: &str) -> Vec<u64> {
+        self.catalog
+            .newest(self.cfg.keep.max(1))
+            .iter()
+            .filter_map(|r| r.members.iter().find(|m| m.name == name).map(|m| m.checkpoint))
+            .collect()
+    }
+
+    fn member_of_conn(&self, conn: u64) -> Option<String> {
+        self.members.iter().find(|(_, m)| m.conn.as_ref().is_some_and(|c| c.id == conn)).map(|(n, _)| n.clone())
+    }
+
+    /// Handles one input.
+    pub async fn on_input(&mut self, input: Input) {
+        match input {
+            Input::Register { conn, tx, local, env } => self.on_register(conn, tx, local, env).await,
+            Input::Msg { conn, env } => {
+                let Some(name) = self.member_of_conn(conn) else { return };
+                if env.inc != self.incarnation() {
+                    self.figures.discarded += 1;
+                    tracing::info!(vm = %name, "discarded {} of incarnation {} (this is {})", env.msg.kind(), env.inc, self.incarnation());
+                    return;
+                }
+                if env.msg.ticks() {
+                    self.clock.receive(COORDINATOR, &env.vt);
+                } else {
+                    self.clock.merge(&env.vt);
+                }
+                if let Some(m) = self.members.get_mut(&name) {
+                    m.last_seen = Instant::now();
+                }
+                self.on_member_msg(&name, env);
+            }
+            Input::Closed { conn } => {
+                if let Some(name) = self.member_of_conn(conn) {
+                    tracing::warn!(vm = %name, "sidecar disconnected");
+                    if let Some(m) = self.members.get_mut(&name) {
+                        m.conn = None;
+                        if m.health == Health::Up {
+                            m.health = Health::SidecarLost("its sidecar disconnected".into());
+                        }
+                    }
+                    self.step(Event::Disconnected { name });
+                }
+            }
+            Input::Ask { request, reply } => self.on_ask(request, reply).await,
+            Input::RecordDone { epoch, result } => match result {
+                Ok(()) => self.step(Event::RecordWritten { epoch }),
+                Err(reason) => {
+                    tracing::error!(epoch, "cannot write the commit record: {reason}");
+                    self.step(Event::RecordFailed { epoch, reason })
+                }
+            },
+        }
+    }
+
+    async fn on_register(&mut self, conn: u64, tx: Tx, local: bool, env: Envelope) {
+        let Msg::Register { version, cluster, name, qmp, store, pid, pid_start, checkpoints, .. } = env.msg else {
+            return;
+        };
+        let refuse = |what: String| {
+            tracing::warn!("registration refused: {what}");
+            let _ = tx.send(Envelope::plain(Msg::Error { what }));
+        };
+        if version != PROTOCOL {
+            return refuse(format!("{name} speaks protocol version {version}; this coordinator speaks {PROTOCOL}"));
+        }
+        if cluster != self.cluster {
+            return refuse(format!("no cluster {cluster} here (serving {})", self.cluster));
+        }
+        if let Err(e) = sidecar::VmName::new(&name) {
+            return refuse(e);
+        }
+        if let Some(m) = self.members.get(&name)
+            && m.conn.is_some()
+            && m.last_seen.elapsed() < self.cfg.failure_timeout
+        {
+            return refuse(format!(
+                "{name} is already registered by a live sidecar: a second sidecar for one VM is refused"
+            ));
+        }
+        let info = MemberInfo { qmp, store };
+        let known = self.durable.members.contains_key(&name);
+        if self.durable.members.get(&name) != Some(&info) {
+            let mut next = self.durable.clone();
+            next.members.insert(name.clone(), info.clone());
+            if let Err(e) = self.save(next).await {
+                return refuse(format!("cannot record {name} in the membership: {e}"));
+            }
+        }
+        self.clock.merge(&env.vt);
+        let committed = self.committed_ids(&name);
+        // Only a coordinator that knows this member can say what of its history no epoch
+        // committed; the checkpoint of an epoch whose record is being written is not one.
+        let in_flight = match &self.phase {
+            Phase::Epoch(run) => run.members.get(&name).and_then(|p| match p.stage {
+                crate::phase::Stage::Cut { checkpoint, .. } | crate::phase::Stage::Durable { checkpoint, .. } => {
+                    Some(checkpoint)
+                }
+                _ => None,
+            }),
+            _ => None,
+        };
+        let newest = committed.iter().max().copied().unwrap_or(0);
+        let aborted: Vec<u64> = if known {
+            checkpoints.iter().copied().filter(|&id| id > newest && Some(id) != in_flight).collect()
+        } else {
+            if !checkpoints.is_empty() {
+                tracing::warn!(vm = %name, "this coordinator's state knows nothing of {name}: its {} checkpoint(s) are kept", checkpoints.len());
+            }
+            Vec::new()
+        };
+        let _ = tx.send(Envelope {
+            inc: self.incarnation(),
+            vt: self.clock.clone(),
+            msg: Msg::Welcome {
+                version: PROTOCOL,
+                incarnation: self.incarnation(),
+                heartbeat_ms: self.cfg.heartbeat.as_millis() as u64,
+                committed,
+                aborted,
+            },
+        });
+        let m = self.members.entry(name.clone()).or_insert(Member {
+            info: info.clone(),
+            pid: None,
+            pid_start: None,
+            conn: None,
+            last_seen: Instant::now(),
+            health: Health::Unknown,
+        });
+        m.info = info;
+        if pid.is_some() {
+            (m.pid, m.pid_start) = (pid, pid_start);
+        }
+        m.conn = Some(Conn { id: conn, tx, local });
+        m.last_seen = Instant::now();
+        if matches!(m.health, Health::Unknown | Health::SidecarLost(_)) {
+            m.health = Health::Up;
+        }
+        tracing::info!(vm = %name, members = self.members.len(), "member registered");
+        if matches!(self.phase, Phase::Recovery(_)) {
+            self.step(Event::Registered { name });
+        }
+    }
+
+    async fn save(&mut self, next: state::Durable) -> Result<(), String> {
+        let (dir, copy) = (self.dir.clone(), next.clone());
+        tokio::task::spawn_blocking(move || dir.save(&copy))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| sidecar::store::error_chain(&e))?;
+        self.durable = next;
+        Ok(())
+    }
+
+    fn on_member_msg(&mut self, name: &str, env: Envelope) {
+        match env.msg {
+            Msg::Heartbeat => {}
+            Msg::VmFailed { reason } => {
+                tracing::warn!(vm = %name, %reason, "VM failure reported");
+                self.vm_failed(name, reason.clone());
+                self.step(Event::Member { name: name.to_owned(), msg: Msg::VmFailed { reason }, vt: env.vt });
+            }
+            Msg::Verified { epoch, damage } => {
+                for v in self.verifies.iter_mut().filter(|v| v.epoch == epoch) {
+                    if v.waiting.remove(name) {
+                        v.damage.extend(damage.iter().map(|d| json!({"member": name, "why": d})));
+                    }
+                }
+                self.finish_verifies();
+            }
+            msg => {
+                if let Msg::Restored { pid, pid_start, .. } = &msg
+                    && let Some(m) = self.members.get_mut(name)
+                {
+                    (m.pid, m.pid_start) = (Some(*pid), *pid_start);
+                }
+                if let Msg::StepFailed { epoch, reason } = &msg {
+                    tracing::warn!(vm = %name, epoch, "step failed: {reason}");
+                }
+                self.step(Event::Member { name: name.to_owned(), msg, vt: env.vt });
+            }
+        }
+    }
+
+    fn vm_failed(&mut self, name: &str, reason: String) {
+        let Some(m) = self.members.get_mut(name) else { return };
+        if matches!(m.health, Health::VmFailed(_)) {
+            return;
+        }
+        let restoring = matches!(&self.phase, Phase::Recovery(r) if r.targets.contains_key(name));
+        if restoring {
+            return;
+        }
+        m.health = Health::VmFailed(reason.clone());
+        self.figures.detections.push(json!({"vm": name, "reason": reason, "at_unix_ms": now_ms()}));
+    }
+
+    /// What to roll back to: `epoch`, or the last committed one (one further back when
+    /// the last recovery failed again within the latent window).
+    fn plan(&self, epoch: Option<u64>, reason: String) -> Result<RecoveryPlan, String> {
+        let epochs = self.catalog.epochs();
+        let latent = epoch.is_none() && self.last_recovery.is_some_and(|at| at.elapsed() < self.cfg.latent_window);
+        let target = match epoch {
+            Some(e) => e,
+            None if latent && epochs.len() >= 2 => {
+                tracing::warn!("failed again soon after a recovery: rolling back one epoch further (latent error)");
+                epochs[epochs.len() - 2]
+            }
+            None => *epochs.last().ok_or("no committed epoch to recover to")?,
+        };
+        let record = self.catalog.read(target).map_err(|e| e.to_string())?;
+        let failed: BTreeSet<&String> =
+            self.members.iter().filter(|(_, m)| matches!(m.health, Health::VmFailed(_))).map(|(n, _)| n).collect();
+        let targets = record
+            .members
+            .iter()
+            .filter(|m| self.cfg.rollback == Rollback::Cluster || epoch.is_some() || failed.contains(&m.name))
+            .map(|m| (m.name.clone(), (m.checkpoint, m.manifest_digest.clone())))
+            .collect();
+        Ok(RecoveryPlan { epoch: target, targets, reason, detected_at: Instant::now() })
+    }
+
+    fn recover(&mut self, epoch: Option<u64>, reason: String) -> Result<(), String> {
+        let plan = self.plan(epoch, reason)?;
+        tracing::warn!(epoch = plan.epoch, targets = ?plan.targets.keys().collect::<Vec<_>>(), reason = %plan.reason, "recovery: rolling back");
+        if self.cfg.rollback == Rollback::Vm {
+            tracing::warn!("rolling back only the failed VM: safe only if the VMs do not talk to each other");
+        }
+        self.last_recovery = Some(Instant::now());
+        let before = self.phase.name();
+        self.step(Event::Recover(plan));
+        if matches!(self.phase, Phase::Recovery(_)) { Ok(()) } else { Err(format!("not now: {before}")) }
+    }
+
+    /// Periodic work: failure evidence, deadlines, recovery, periodic epochs.
+    pub async fn on_tick(&mut self) {
+        self.detect();
+        self.step(Event::Tick);
+        let failed: Vec<String> = self
+            .members
+            .iter()
+            .filter_map(|(n, m)| match &m.health {
+                Health::VmFailed(r) => Some(format!("{n}: {r}")),
+                _ => None,
+            })
+            .collect();
+        if !failed.is_empty()
+            && matches!(self.phase, Phase::Idle | Phase::Epoch(_))
+            && let Err(e) = self.recover(None, failed.join("; "))
+        {
+            tracing::debug!("recovery waits: {e}");
+        }
+        if let Some(every) = self.cfg.interval
+            && matches!(self.phase, Phase::Idle)
+            && self.last_interval.elapsed() >= every
+        {
+            self.last_interval = Instant::now();
+            if let Err(e) = self.start_epoch().await {
+                tracing::debug!("no periodic epoch: {e}");
+            }
+        }
+        self.finish_verifies();
+    }
+
+    /// Failure detection on evidence: a VM has failed when its QEMU process (pid and start
+    /// time, on this host) is gone; a silent sidecar whose QEMU lives, or any silent
+    /// sidecar over TCP (whose pids mean nothing here), is only "sidecar lost".
+    fn detect(&mut self) {
+        let timeout = self.cfg.failure_timeout;
+        let mut failed = Vec::new();
+        let mut lost = Vec::new();
+        for (n, m) in &self.members {
+            let local = m.conn.as_ref().is_none_or(|c| c.local);
+            let qemu_gone = local && m.pid.is_some_and(|p| !sidecar::process::runs(p, m.pid_start));
+            let silent = m.conn.is_some() && m.last_seen.elapsed() > timeout;
+            match &m.health {
+                Health::Up | Health::SidecarLost(_) | Health::Unknown if qemu_gone && (silent || m.conn.is_none()) => {
+                    failed.push((
+                        n.clone(),
+                        format!("QEMU (pid {}) is gone and its sidecar is silent", m.pid.unwrap_or(0)),
+                    ));
+                }
+                Health::Up if silent => lost.push(n.clone()),
+                _ => {}
+            }
+        }
+        for n in lost {
+            tracing::warn!(vm = %n, "no heartbeat for {timeout:?}: sidecar lost; its VM is not declared failed without evidence");
+            if let Some(m) = self.members.get_mut(&n) {
+                m.health = Health::SidecarLost(format!("no heartbeat for {timeout:?}"));
+                m.conn = None;
+            }
+            self.step(Event::Disconnected { name: n });
+        }
+        for (n, reason) in failed {
+            if !matches!(&self.phase, Phase::Recovery(r) if r.targets.contains_key(&n)) {
+                tracing::warn!(vm = %n, %reason, "VM failed");
+                self.vm_failed(&n, reason);
+            }
+        }
+    }
+
+    /// Starts an epoch when every member is connected and up; `Err` says why not.
+    async fn start_epoch(&mut self) -> Result<u64, String> {
+        if !matches!(self.phase, Phase::Idle) {
+            return Err(format!("the cluster is busy: {}", self.phase.name()));
+        }
+        if self.members.is_empty() {
+            return Err("no members registered".into());
+        }
+        let not_ready: Vec<String> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.conn.is_none() || m.health != Health::Up)
+            .map(|(n, m)| format!("{n} ({})", health_str(&m.health, m.conn.is_some())))
+            .collect();
+        if !not_ready.is_empty() {
+            return Err(format!("waiting for members: {}", not_ready.join(", ")));
+        }
+        let epoch = self.durable.next_epoch.max(self.catalog.epochs().last().map_or(1, |l| l + 1));
+        let mut next = self.durable.clone();
+        next.next_epoch = epoch + 1;
+        self.save(next).await.map_err(|e| format!("cannot persist the epoch counter: {e}"))?;
+        let members = self.members.keys().cloned().collect();
+        tracing::debug!(epoch, "epoch starts");
+        match self.phase.step(Event::Start { epoch, members }, Instant::now(), &self.settings) {
+            Ok(effects) => {
+                for e in effects {
+                    self.effect(e);
+                }
+                Ok(epoch)
+            }
+            Err(r) => Err(r.to_string()),
+        }
+    }
+
+    async fn on_ask(&mut self, request: Request, reply: Reply) {
+        match request {
+            Request::Status => {
+                let _ = reply.send(Ok(self.status()));
+            }
+            Request::Checkpoint => match self.start_epoch().await {
+                Ok(epoch) => self.epoch_waiters.entry(epoch).or_default().push(reply),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Request::List => {
+                let records = self.catalog.newest(usize::MAX);
+                let _ = reply.send(Ok(json!({"epochs": records})));
+            }
+            Request::Restore { epoch } => {
+                let pre_empted: Vec<Reply> = self.recovery_waiters.drain(..).collect();
+                match self.recover(epoch, "requested by an operator".into()) {
+                    Ok(()) => {
+                        for w in pre_empted {
+                            let _ = w.send(Err("pre-empted by another restore".into()));
+                        }
+                        self.recovery_waiters.push(reply);
+                    }
+                    Err(e) => {
+                        self.recovery_waiters = pre_empted;
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Request::Verify { epoch } => self.verify(epoch, reply),
+            Request::RemoveMember { name } => {
+                let r = self.remove_member(&name).await;
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    async fn remove_member(&mut self, name: &str) -> Result<Value, String> {
+        if !matches!(self.phase, Phase::Idle | Phase::Halted { .. }) {
+            return Err(format!("cannot remove {name} now: {}", self.phase.name()));
+        }
+        if !self.durable.members.contains_key(name) {
+            return Err(format!("{name} is not a member"));
+        }
+        let mut next = self.durable.clone();
+        next.members.remove(name);
+        self.save(next).await?;
+        self.members.remove(name);
+        tracing::warn!(vm = %name, "member removed by an operator");
+        Ok(json!({"removed": name}))
+    }
+
+    fn verify(&mut self, epoch: Option<u64>, reply: Reply) {
+        let Some(epoch) = epoch.or_else(|| self.catalog.epochs().last().copied()) else {
+            let _ = reply.send(Err("no committed epoch".into()));
+            return;
+        };
+        let record = match self.catalog.read(epoch) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = reply.send(Err(e.to_string()));
+                return;
+            }
+        };
+        let mut v = PendingVerify {
+            epoch,
+            waiting: BTreeSet::new(),
+            damage: Vec::new(),
+            reply,
+            deadline: Instant::now() + self.cfg.verify_timeout,
+        };
+        for m in &record.members {
+            if self.members.get(&m.name).is_some_and(|x| x.conn.is_some()) {
+                v.waiting.insert(m.name.clone());
+                let msg = Msg::Verify { epoch, checkpoint: m.checkpoint, digest: m.manifest_digest.clone() };
+                self.send_one(&m.name, msg);
+            } else {
+                v.damage.push(json!({"member": m.name, "why": "no sidecar connected to verify it"}));
+            }
+        }
+        self.verifies.push(v);
+        self.finish_verifies();
+    }
+
+    fn finish_verifies(&mut self) {
+        let now = Instant::now();
+        let (done, open): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.verifies).into_iter().partition(|v| v.waiting.is_empty() || now > v.deadline);
+        self.verifies = open;
+        for mut v in done {
+            for n in &v.waiting {
+                v.damage.push(json!({"member": n, "why": "its sidecar did not answer in time"}));
+            }
+            let _ = v.reply.send(Ok(json!({"epoch": v.epoch, "ok": v.damage.is_empty(), "damage": v.damage})));
+        }
+    }
+
+    fn status(&self) -> Value {
+        let members: Vec<Value> = self
+            .members
+            .iter()
+            .map(|(n, m)| {
+                let restoring = matches!(&self.phase, Phase::Recovery(r) if r.targets.contains_key(n));
+                let health = if restoring { "restoring".into() } else { health_str(&m.health, m.conn.is_some()) };
+                json!({"name": n, "health": health, "pid": m.pid, "connected": m.conn.is_some(),
+                    "last_heartbeat_ms": ms(m.last_seen.elapsed()), "qmp": m.info.qmp, "store": m.info.store})
+            })
+            .collect();
+        let phase = match &self.phase {
+            Phase::Idle => json!({"state": "idle"}),
+            Phase::Epoch(r) => json!({"state": "epoch", "epoch": r.epoch, "step": r.step,
+                "members": r.members.iter().map(|(n, p)| (n.clone(), format!("{:?}", p.stage).split([' ', '{']).next().unwrap_or("").to_lowercase())).collect::<BTreeMap<_, _>>()}),
+            Phase::Recovery(r) => json!({"state": "recovery", "to": r.epoch, "step": r.step, "attempt": r.attempt,
+                "reason": r.reason, "targets": r.targets.iter().map(|(n, t)| (n.clone(), t.state)).collect::<BTreeMap<_, _>>(),
+                "deadline_in_ms": ms(r.deadline.saturating_duration_since(Instant::now()))}),
+            Phase::Halted { reason, paused } => json!({"state": "halted", "reason": reason, "paused": paused}),
+        };
+        let paused: Vec<&String> = match &self.phase {
+            Phase::Recovery(r) => r
+                .targets
+                .iter()
+                .filter(|(_, t)| t.state == crate::phase::TargetState::Restored)
+                .map(|(n, _)| n)
+                .collect(),
+            Phase::Halted { paused, .. } => paused.iter().collect(),
+            _ => Vec::new(),
+        };
+        json!({
+            "cluster": self.cluster,
+            "incarnation": self.incarnation(),
+            "members": members,
+            "last_committed": self.catalog.epochs().last(),
+            "next_epoch": self.durable.next_epoch,
+            "phase": phase,
+            "now": if matches!(self.phase, Phase::Idle) { json!("idle") } else { json!(self.phase.name()) },
+            "paused_vms": paused,
+            "vt": self.clock,
+            "figures": self.figures.to_json(),
+        })
+    }
+}
+
+fn health_str(h: &Health, connected: bool) -> String {
+    match h {
+        Health::Unknown => "no sidecar since the coordinator started".into(),
+        Health::Up if !connected => "sidecar lost (VM alive)".into(),
+        Health::Up => "up".into(),
+        Health::VmFailed(r) => format!("vm failed: {r}"),
+        Health::SidecarLost(r) => format!("sidecar lost: {r}"),
+    }
+}

@@ -1,0 +1,185 @@
+//! The coordinator's own durable state: its incarnation, the next epoch number and the
+//! membership, in `DIR/state.json` (temp, fsync, rename, fsync of the directory), and the
+//! exclusive lock on `DIR/lock` that makes it the one coordinator of that directory.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+/// The state format this code writes and reads.
+pub const FORMAT: u32 = 1;
+
+/// Where a member's VM and store are, as it registered them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberInfo {
+    /// Its QMP socket.
+    pub qmp: String,
+    /// Its store.
+    pub store: String,
+}
+
+/// What survives a restart of the coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Durable {
+    /// Format version.
+    pub format: u32,
+    /// Raised at every start: messages of an earlier incarnation are told apart.
+    pub incarnation: u64,
+    /// The next epoch number: raised (durably) before an epoch's first message, so that
+    /// no number is used twice.
+    pub next_epoch: u64,
+    /// The members: an epoch waits for every one; only an operator removes one.
+    pub members: BTreeMap<String, MemberInfo>,
+}
+
+/// Errors of the state directory.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A file operation failed.
+    #[error("{what} {path}")]
+    Io {
+        /// What.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another coordinator holds the directory.
+    #[error("another coordinator uses {dir} (its lock {lock} is held{holder})")]
+    Locked {
+        /// The directory.
+        dir: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+        /// ", by pid N" when known.
+        holder: String,
+    },
+    /// The state file is damaged or of another format.
+    #[error("coordinator state {path} is unusable: {why}")]
+    Bad {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+}
+
+/// The state directory, locked for this process's lifetime.
+#[derive(Debug)]
+pub struct StateDir {
+    dir: PathBuf,
+    _lock: Flock<File>,
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StateError {
+    let path = path.to_owned();
+    move |source| StateError::Io { what, path, source }
+}
+
+impl StateDir {
+    /// Locks `dir` (created if needed) or says who holds it.
+    pub fn lock(dir: &Path) -> Result<StateDir, StateError> {
+        std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
+        let path = dir.join("lock");
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io("cannot open", &path))?;
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(mut l) => {
+                let _ = l.set_len(0);
+                let _ = write!(l, "{}", std::process::id());
+                Ok(StateDir { dir: dir.to_owned(), _lock: l })
+            }
+            Err(_) => {
+                let holder = std::fs::read_to_string(&path).ok().filter(|s| !s.trim().is_empty());
+                Err(StateError::Locked {
+                    dir: dir.to_owned(),
+                    lock: path,
+                    holder: holder.map(|p| format!(", by pid {}", p.trim())).unwrap_or_default(),
+                })
+            }
+        }
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    /// Reads the state (a fresh one when none was written).
+    pub fn load(&self) -> Result<Durable, StateError> {
+        let path = self.file();
+        match std::fs::read(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(Durable { format: FORMAT, incarnation: 0, next_epoch: 1, members: BTreeMap::new() })
+            }
+            Err(e) => Err(StateError::Io { what: "cannot read", path, source: e }),
+            Ok(data) => {
+                let s: Durable = serde_json::from_slice(&data)
+                    .map_err(|e| StateError::Bad { path: path.clone(), why: e.to_string() })?;
+                if s.format != FORMAT {
+                    return Err(StateError::Bad {
+                        path,
+                        why: format!("format {} (this cutline reads {FORMAT})", s.format),
+                    });
+                }
+                Ok(s)
+            }
+        }
+    }
+
+    /// Writes `state` atomically and durably.
+    pub fn save(&self, state: &Durable) -> Result<(), StateError> {
+        let path = self.file();
+        let tmp = self.dir.join(".state.json.tmp");
+        let data =
+            serde_json::to_vec_pretty(state).map_err(|e| StateError::Bad { path: path.clone(), why: e.to_string() })?;
+        let mut f = File::create(&tmp).map_err(io("cannot create", &tmp))?;
+        f.write_all(&data).map_err(io("cannot write", &tmp))?;
+        f.sync_all().map_err(io("cannot sync", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io("cannot rename into place", &path))?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", &self.dir))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_survives_and_a_second_coordinator_is_refused() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let s = StateDir::lock(d.path()).expect("lock");
+        let mut st = s.load().expect("fresh");
+        assert_eq!((st.incarnation, st.next_epoch), (0, 1));
+        st.incarnation = 3;
+        st.next_epoch = 12;
+        st.members.insert("vm0".into(), MemberInfo { qmp: "/q".into(), store: "/s".into() });
+        s.save(&st).expect("save");
+        let err = StateDir::lock(d.path()).expect_err("held");
+        assert!(err.to_string().contains(&format!("by pid {}", std::process::id())), "{err}");
+        drop(s);
+        let s = StateDir::lock(d.path()).expect("free again");
+        assert_eq!(s.load().expect("load"), st);
+    }
+
+    #[test]
+    fn a_damaged_state_is_refused_naming_the_file() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let s = StateDir::lock(d.path()).expect("lock");
+        std::fs::write(d.path().join("state.json"), b"{\"format\":1,").expect("write");
+        let err = s.load().expect_err("damaged");
+        assert!(err.to_string().contains("state.json"), "{err}");
+    }
+}
