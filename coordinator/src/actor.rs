@@ -59,6 +59,8 @@ pub enum Input {
         epoch: u64,
         /// Its outcome.
         result: Result<(), String>,
+        /// How long writing it took.
+        commit_ms: f64,
     },
 }
 
@@ -292,8 +294,9 @@ impl Actor {
             if result.is_ok() {
                 sidecar::failpoint::hit("coordinator-after-record");
             }
-            tracing::debug!(epoch, commit_ms = ms(started.elapsed()), "record written");
-            let _ = inputs.send(Input::RecordDone { epoch, result });
+            let commit_ms = ms(started.elapsed());
+            tracing::debug!(epoch, commit_ms, "record written");
+            let _ = inputs.send(Input::RecordDone { epoch, result, commit_ms });
         });
     }
 
@@ -307,7 +310,9 @@ impl Actor {
         if let Some(r) = &record {
             for m in &r.members {
                 self.figures.pause_ms.push(m.pause_ms);
-                self.figures.hold_ms.push(m.hold_ms);
+                if self.cfg.output_commit == crate::phase::OutputCommit::Release {
+                    self.figures.hold_ms.push(m.hold_ms);
+                }
             }
             self.figures.epoch_ms.push(r.timings.total_ms);
         }
@@ -369,8 +374,11 @@ impl Actor {
                 }
             }
             Input::Ask { request, reply } => self.on_ask(request, reply).await,
-            Input::RecordDone { epoch, result } => match result {
-                Ok(()) => self.step(Event::RecordWritten { epoch }),
+            Input::RecordDone { epoch, result, commit_ms } => match result {
+                Ok(()) => {
+                    self.figures.commit_ms.push(commit_ms);
+                    self.step(Event::RecordWritten { epoch })
+                }
                 Err(reason) => {
                     tracing::error!(epoch, "cannot write the commit record: {reason}");
                     self.step(Event::RecordFailed { epoch, reason })
@@ -494,6 +502,14 @@ impl Actor {
                     }
                 }
                 self.finish_verifies();
+            }
+            // With strict output commit the gates open after the commit: the epoch is over.
+            Msg::Released { epoch, hold_ms, breach, .. } if !matches!(&self.phase, Phase::Epoch(r) if r.epoch == epoch) =>
+            {
+                self.figures.hold_ms.push(hold_ms);
+                if let Some(b) = breach {
+                    tracing::warn!(vm = %name, epoch, "output released early after the commit: {b}");
+                }
             }
             msg => {
                 if let Msg::Restored { pid, pid_start, .. } = &msg

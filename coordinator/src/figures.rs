@@ -41,9 +41,9 @@ impl Series {
         v.get(i).copied()
     }
 
-    /// As JSON: count, p50, p99, max, last.
+    /// As JSON: count, min (of the window), p50, p99, max, last.
     pub fn summary(&self) -> Value {
-        json!({"count": self.count, "p50": self.quantile(0.5), "p99": self.quantile(0.99),
+        json!({"count": self.count, "min": self.quantile(0.0), "p50": self.quantile(0.5), "p99": self.quantile(0.99),
             "max": if self.count > 0 { Some(self.max) } else { None }, "last": self.recent.back()})
     }
 }

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use coordinator::harness::{BALANCE, LocalCluster};
 use cutline_tests::DiskSpec;
-use serde_json::Value;
 use sidecar::proto::Request;
 
 fn pct(v: &[f64], p: f64) -> f64 {
@@ -21,10 +20,6 @@ fn pct(v: &[f64], p: f64) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     s[(((s.len() - 1) as f64) * p).round() as usize]
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default()
 }
 
 fn unix_ms() -> u64 {
@@ -88,21 +83,22 @@ async fn main() -> anyhow::Result<()> {
             c.guests[victim].kill();
             let s = c.wait_recovered(1, Duration::from_secs(180)).await?;
             let f = &s["figures"];
-            let detect = f["detections"][0]["at_unix_ms"].as_u64().unwrap_or(killed).saturating_sub(killed);
-            let recover = f["recoveries"][0]["recovery_ms"].as_f64().unwrap_or(f64::NAN);
-            let (pause, hold, commit, epoch) =
-                (floats(&f["pause_ms"]), floats(&f["hold_ms"]), floats(&f["commit_ms"]), floats(&f["epoch_ms"]));
+            let detect =
+                f["recent"]["detections"]["last"][0]["at_unix_ms"].as_u64().unwrap_or(killed).saturating_sub(killed);
+            let recover = f["recent"]["recoveries"]["last"][0]["recovery_ms"].as_f64().unwrap_or(f64::NAN);
+            // The coordinator reports each figure's percentiles over its latest samples.
+            let q = |k: &str, p: &str| f[k][p].as_f64().unwrap_or(f64::NAN);
             println!(
                 "{:>6} {:>6.1}/{:<7.1} {:>6.1}/{:<7.1} {:>11.2} ms {:>11.2} ms {:>12} {:>9.0} ms {:>10} {:>10.0}",
                 n,
-                pct(&pause, 0.5),
-                pct(&pause, 0.99),
-                pct(&hold, 0.5),
-                pct(&hold, 0.99),
-                pct(&commit, 0.5),
+                q("pause_ms", "p50"),
+                q("pause_ms", "p99"),
+                q("hold_ms", "p50"),
+                q("hold_ms", "p99"),
+                q("commit_ms", "p50"),
                 pct(&raw, 0.5),
                 record_bytes,
-                pct(&epoch, 0.5),
+                q("epoch_ms", "p50"),
                 detect,
                 recover
             );
