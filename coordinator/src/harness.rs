@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use cutline_tests::{Guest, GuestSpec, L2Switch, TestEnv};
-use serde_json::{Value, json};
+use serde_json::Value;
 use sidecar::proto::Request;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -16,7 +16,6 @@ use crate::server;
 
 /// Initial ledger balance of each guest.
 pub const BALANCE: u64 = 1_000_000;
-const T: Duration = Duration::from_secs(30);
 
 /// A running task with its own stop signal.
 struct Task {
@@ -178,11 +177,12 @@ impl LocalCluster {
         Ok(s["last_committed"].as_u64().unwrap_or(0))
     }
 
-    /// Waits for recovery number `nth` (1-based) to finish with every member up.
+    /// Waits for recovery number `nth` (1-based) to finish with every member up; its
+    /// report is `status["figures"]["recent"]["recoveries"]["last"]`'s last entry.
     pub async fn wait_recovered(&self, nth: usize, timeout: Duration) -> anyhow::Result<Value> {
         self.wait_status(timeout, |s| {
-            s["figures"]["recoveries"].as_array().is_some_and(|r| r.len() >= nth)
-                && s["now"] == "idle"
+            s["figures"]["recoveries"].as_u64().is_some_and(|r| r >= nth as u64)
+                && s["phase"]["state"] == "idle"
                 && s["members"].as_array().is_some_and(|m| m.iter().all(|x| x["health"] == "up"))
         })
         .await
@@ -209,30 +209,8 @@ impl LocalCluster {
 
     /// Quiesces every ledger, sums the balances, checks every journal, resumes.
     pub async fn check(&self) -> anyhow::Result<Invariants> {
-        for g in &self.guests {
-            g.control().request("quiesce", T).await?;
-        }
-        let (mut total, mut balances, mut journals) = (0, Vec::new(), Vec::new());
-        for g in &self.guests {
-            let b = g.control().request("balance", T).await?;
-            total += b["balance"].as_u64().unwrap_or(0);
-            balances.push(json!({"vm": g.name, "balance": b["balance"], "sent": b["sent"], "received": b["received"]}));
-            let c = g.control().request("check", T).await?;
-            journals.push(json!({"vm": g.name, "ok": c["ok"], "count": c["count"], "disk_last": c["disk_last"]}));
-        }
-        for g in &self.guests {
-            g.control().request("resume", T).await?;
-        }
-        let expected = BALANCE * self.guests.len() as u64;
-        let journals_ok = journals.iter().all(|j| j["ok"] == true);
-        Ok(Invariants {
-            ledger_ok: total == expected,
-            journals_ok,
-            detail: json!({
-                "ledger": {"ok": total == expected, "total": total, "expected": expected, "balances": balances},
-                "journals": {"ok": journals_ok, "guests": journals},
-            }),
-        })
+        let inv = cutline_tests::oracle::check(&self.guests, BALANCE).await?;
+        Ok(Invariants { ledger_ok: inv.ledger_ok, journals_ok: inv.journals_ok, detail: inv.detail })
     }
 
     /// Stops the sidecars and the coordinator, then every QEMU (the restored ones too).

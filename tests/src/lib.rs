@@ -5,11 +5,13 @@
 //! that are killed with their process group when the test ends, even by a panic.
 
 pub mod accel;
+pub mod chaos;
 pub mod control;
 pub mod guest;
 pub mod image;
 pub mod mount;
 pub mod netns;
+pub mod oracle;
 pub mod stream;
 pub mod switch;
 
@@ -105,9 +107,12 @@ fn probe_boot(image: &GuestImage, accel: Accel, dir: &Path, timeout: Duration) -
 /// brought up to date) first: test runs build only libraries.
 pub fn workspace_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
     let exe = std::env::current_exe()?;
-    // Test binaries live in target/<profile>/deps; binaries one level up.
-    let dir =
-        exe.parent().and_then(Path::parent).ok_or_else(|| anyhow::anyhow!("no target dir above {}", exe.display()))?;
+    // Test binaries live in target/<profile>/deps, binaries (such as cutline-chaos) in
+    // target/<profile>: the workspace's binaries are in the latter.
+    let mut dir = exe.parent().ok_or_else(|| anyhow::anyhow!("no directory above {}", exe.display()))?;
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().ok_or_else(|| anyhow::anyhow!("no target dir above {}", exe.display()))?;
+    }
     let bin = dir.join(name);
     {
         let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
