@@ -52,9 +52,16 @@ enum Cmd {
         /// Heartbeat period of the members.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
         heartbeat: Duration,
-        /// Missing heartbeats for this long fail a member.
+        /// Missing heartbeats for this long make a member's sidecar lost (its VM is failed
+        /// only on evidence: its QEMU process gone).
         #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
         timeout: Duration,
+        /// Longest a protocol or recovery step may take.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+        step_timeout: Duration,
+        /// Recovery attempts before the cluster halts (and says why in `status`).
+        #[arg(long, default_value_t = 3)]
+        recovery_attempts: u32,
     },
     /// Members, health, last committed epoch, what runs now.
     Status,
@@ -126,7 +133,17 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
     };
     match cli.cmd {
-        Cmd::Serve { listen, interval, keep, rollback, output_commit, heartbeat, timeout } => {
+        Cmd::Serve {
+            listen,
+            interval,
+            keep,
+            rollback,
+            output_commit,
+            heartbeat,
+            timeout,
+            step_timeout,
+            recovery_attempts,
+        } => {
             std::fs::create_dir_all(&cli.state)?;
             let mut cfg = server::Config::new(&cli.state);
             if let Some(a) = cli.coordinator.as_deref().filter(|a| !a.starts_with("tcp:")) {
@@ -140,6 +157,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             cfg.output_commit = output_commit;
             cfg.heartbeat = heartbeat;
             cfg.failure_timeout = timeout;
+            cfg.step_timeout = step_timeout;
+            cfg.recovery_attempts = recovery_attempts.max(1);
             server::run(cfg, sidecar::shutdown_signal()).await?;
         }
         Cmd::Status => {
