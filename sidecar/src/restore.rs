@@ -459,27 +459,33 @@ async fn stop_running(
     known: Option<(i32, Option<u64>)>,
 ) -> Result<(), RestoreError> {
     let connected = tokio::time::timeout(Duration::from_secs(3), Qmp::connect(qmp_path)).await;
-    let pid = match connected {
+    let (pid, asked) = match connected {
         Ok(Ok(qmp)) => {
             let pid = qmp.peer_pid();
-            let _ = qmp.execute_raw("quit", json!({})).await;
-            pid
+            let asked = qmp.execute_raw("quit", json!({})).await.is_ok();
+            (pid, asked)
         }
-        _ => known
-            .filter(|(p, start)| crate::process::runs(*p, *start))
-            .map(|(p, _)| p)
-            .or_else(|| {
-                pidfile
-                    .and_then(|p| std::fs::read_to_string(p).ok())
-                    .and_then(|s| s.trim().parse().ok())
-                    .filter(|p| qemus_serving(qmp_path).contains(p))
-            })
-            .or_else(|| qemus_serving(qmp_path).first().copied()),
+        _ => (
+            known
+                .filter(|(p, start)| crate::process::runs(*p, *start))
+                .map(|(p, _)| p)
+                .or_else(|| {
+                    pidfile
+                        .and_then(|p| std::fs::read_to_string(p).ok())
+                        .and_then(|s| s.trim().parse().ok())
+                        .filter(|p| qemus_serving(qmp_path).contains(p))
+                })
+                .or_else(|| qemus_serving(qmp_path).first().copied()),
+            false,
+        ),
     };
     let Some(pid) = pid else { return Ok(()) };
     let target = nix::unistd::Pid::from_raw(pid);
     let alive = || !crate::process::is_gone(pid);
-    for i in 0..500 {
+    // A QEMU that took `quit` gets 10 s to exit cleanly; one that could not be asked
+    // (its QMP socket busy or gone) is killed at once.
+    let first = if asked { 0 } else { 499 };
+    for i in first..500 {
         if !alive() {
             return Ok(());
         }
