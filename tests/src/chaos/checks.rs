@@ -167,7 +167,10 @@ impl Runner<'_> {
                 Err(e) => last = format!("{e:#}"),
             }
             if Instant::now() > deadline {
-                return Err(format!("no healthy cluster with a committed epoch after {:?}: {last}", self.opts.deadline));
+                return Err(format!(
+                    "no healthy cluster with a committed epoch after {:?}: {last}",
+                    self.opts.deadline
+                ));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }

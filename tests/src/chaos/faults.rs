@@ -130,15 +130,7 @@ pub struct Injected {
 
 impl Injected {
     fn new(kind: Kind, target: String) -> Injected {
-        Injected {
-            kind,
-            target,
-            failpoint: None,
-            at: Instant::now(),
-            reached: true,
-            keep_vms: false,
-            violation: None,
-        }
+        Injected { kind, target, failpoint: None, at: Instant::now(), reached: true, keep_vms: false, violation: None }
     }
 }
 

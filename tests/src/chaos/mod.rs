@@ -70,17 +70,35 @@ impl Default for Options {
 }
 
 impl Options {
-    /// The command that replays this run's first `faults` faults.
+    /// The command that replays this run's first `faults` faults (the same seed draws
+    /// the same faults, targets and delays; only the timing of the system differs).
     pub fn replay(&self, faults: usize) -> String {
+        let d = Options::default();
         let kinds: Vec<&str> = self.kinds.iter().map(|k| k.name()).collect();
-        format!(
-            "cargo run -p cutline-tests --bin cutline-chaos -- --seed {} --faults {faults} --guests {} --interval {}ms --kinds {}{}",
+        let mut cmd = format!(
+            "cargo run -p cutline-tests --bin cutline-chaos -- --seed {} --faults {faults} --guests {} --interval {}ms --kinds {}",
             self.seed,
             self.guests,
             self.interval.as_millis(),
-            kinds.join(","),
-            if self.keep_going { " --keep-going" } else { "" }
-        )
+            kinds.join(",")
+        );
+        for (flag, value, default) in [
+            ("--heartbeat", self.heartbeat, d.heartbeat),
+            ("--timeout", self.timeout, d.timeout),
+            ("--deadline", self.deadline, d.deadline),
+            ("--reach", self.reach, d.reach),
+        ] {
+            if value != default {
+                cmd.push_str(&format!(" {flag} {}ms", value.as_millis()));
+            }
+        }
+        if self.store_mib != d.store_mib {
+            cmd.push_str(&format!(" --store-mib {}", self.store_mib));
+        }
+        if self.keep_going {
+            cmd.push_str(" --keep-going");
+        }
+        cmd
     }
 }
 
@@ -324,5 +342,15 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("2h").is_err());
+    }
+
+    #[test]
+    fn the_replay_names_only_what_differs_from_the_defaults() {
+        let opts = Options { seed: 9, reach: Duration::from_secs(20), ..Options::default() };
+        assert_eq!(
+            opts.replay(3),
+            "cargo run -p cutline-tests --bin cutline-chaos -- --seed 9 --faults 3 --guests 2 --interval 2000ms \
+             --kinds qemu,sidecar,coordinator,failpoint,full-store --reach 20000ms"
+        );
     }
 }
