@@ -1,6 +1,11 @@
 //! What a chaos run found: per fault kind, how many were injected, survived, not
 //! reached (failpoints), how many rolled the VMs back, and the time to recover; the
 //! violations with the command that replays them. A table for people, JSON for programs.
+//!
+//! A time to recover runs from the fault to the first status that shows the cluster
+//! healthy with a newer committed epoch: from the SIGKILL (for a sidecar or the
+//! coordinator, the 0..2 s before the runner restarts it included), from the death at a
+//! failpoint, from the ballast's removal for a full store.
 
 use std::collections::BTreeMap;
 
