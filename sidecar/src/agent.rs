@@ -317,6 +317,13 @@ impl Agent {
             let reason = reason.clone();
             self.send(Msg::VmFailed { reason });
         }
+        // A rollback of an earlier incarnation is unfinished (the guest is paused or being
+        // restored): this coordinator must roll the cluster back itself.
+        if let Some(t) = self.vm.rollback().filter(|t| t.inc != inc) {
+            let reason = format!("{}; the coordinator that started that rollback is gone", self.vm.name());
+            tracing::warn!(vm = %self.cfg.name, epoch = t.epoch, "{reason}");
+            self.send(Msg::VmFailed { reason });
+        }
         // Heartbeats never wait behind the loop's work.
         let beat_tx = tx.clone();
         let beats = tokio::spawn(async move {

@@ -92,6 +92,14 @@ impl VmState {
         }
     }
 
+    /// The rollback this state belongs to, while restoring or restored and paused.
+    pub fn rollback(&self) -> Option<Tag> {
+        match self {
+            VmState::Restoring(t) | VmState::RestoredPaused { at: t, .. } => Some(*t),
+            _ => None,
+        }
+    }
+
     /// True when a checkpoint may be taken.
     pub fn can_checkpoint(&self) -> bool {
         matches!(self, VmState::Running { .. })
@@ -109,6 +117,11 @@ impl VmState {
                 (VmState::Failed { reason: reason.clone() }, vec![VmEffect::ReportFailed(reason)])
             }
             (_, VmEvent::Exited { reason }) => return refuse(format!("exit ({reason}) changes nothing here")),
+            // A restore of an earlier coordinator incarnation is superseded: the new one
+            // runs after it (the agent chains them) and the old one's result is refused.
+            (VmState::Restoring(t), VmEvent::Restore(at)) if t.inc != at.inc => {
+                (VmState::Restoring(at), vec![VmEffect::StartRestore(at)])
+            }
             (VmState::Restoring(t), VmEvent::Restore(at)) => {
                 return refuse(format!("restore for epoch {} asked while one for epoch {} runs", at.epoch, t.epoch));
             }
@@ -177,6 +190,11 @@ mod tests {
         assert!(v.step(VmEvent::Attached { pid: Some(3) }).is_err());
         assert!(v.step(VmEvent::Restored(Tag { inc: 2, epoch: 4 }, Ok(3))).is_err(), "another incarnation's restore");
         assert_eq!(v, VmState::Restoring(T));
+        // A new coordinator incarnation's restore supersedes the old one's.
+        let new = Tag { inc: 2, epoch: 3 };
+        assert_eq!(v.step(VmEvent::Restore(new)), Ok(vec![VmEffect::StartRestore(new)]));
+        assert!(v.step(VmEvent::Restored(T, Ok(3))).is_err(), "the superseded restore's result is refused");
+        assert_eq!(v.rollback(), Some(new));
         let mut d = VmState::Detached;
         assert_eq!(
             d.step(VmEvent::Resume(T)),
