@@ -1,7 +1,7 @@
 //! The chaos runner against real QEMU and the real daemons: 40 seeded faults of every
 //! kind (QEMU, sidecar and coordinator SIGKILLed, every failpoint, a full store) on two
-//! 128 MiB TCG guests, every invariant checked after each. Takes about 6 minutes on a
-//! 2-core machine under TCG (350 s measured, one recovery of 64 s included); it runs
+//! 128 MiB TCG guests, every invariant checked after each. Takes about 5 minutes on a
+//! 2-core machine under TCG (305 s measured; 350 s before restores were superseded); it runs
 //! alone in the `cluster` test group, with its own time limit in .config/nextest.toml.
 
 use std::os::unix::process::CommandExt;
