@@ -88,6 +88,13 @@ struct Member {
     health: Health,
 }
 
+impl Member {
+    /// A member known from the membership, not heard from yet.
+    fn new(info: MemberInfo) -> Member {
+        Member { info, pid: None, pid_start: None, conn: None, last_seen: Instant::now(), health: Health::Unknown }
+    }
+}
+
 struct PendingVerify {
     epoch: u64,
     waiting: BTreeSet<String>,
@@ -134,21 +141,7 @@ impl Actor {
         durable: state::Durable,
         inputs: mpsc::UnboundedSender<Input>,
     ) -> Actor {
-        let members = durable
-            .members
-            .iter()
-            .map(|(n, info)| {
-                let m = Member {
-                    info: info.clone(),
-                    pid: None,
-                    pid_start: None,
-                    conn: None,
-                    last_seen: Instant::now(),
-                    health: Health::Unknown,
-                };
-                (n.clone(), m)
-            })
-            .collect();
+        let members = durable.members.iter().map(|(n, info)| (n.clone(), Member::new(info.clone()))).collect();
         let settings = Settings {
             step_timeout: cfg.step_timeout,
             output_commit: cfg.output_commit,
@@ -454,14 +447,7 @@ impl Actor {
                 aborted,
             },
         });
-        let m = self.members.entry(name.clone()).or_insert(Member {
-            info: info.clone(),
-            pid: None,
-            pid_start: None,
-            conn: None,
-            last_seen: Instant::now(),
-            health: Health::Unknown,
-        });
+        let m = self.members.entry(name.clone()).or_insert_with(|| Member::new(info.clone()));
         m.info = info;
         if pid.is_some() {
             (m.pid, m.pid_start) = (pid, pid_start);

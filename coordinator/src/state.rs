@@ -52,6 +52,9 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
+    /// The state could not be written.
+    #[error("cannot write the coordinator state")]
+    Write(#[source] Box<sidecar::store::StoreError>),
     /// Another coordinator holds the directory.
     #[error("another coordinator uses {dir} (its lock {lock} is held{holder})")]
     Locked {
@@ -142,14 +145,9 @@ impl StateDir {
     /// Writes `state` atomically and durably.
     pub fn save(&self, state: &Durable) -> Result<(), StateError> {
         let path = self.file();
-        let tmp = self.dir.join(".state.json.tmp");
         let data =
             serde_json::to_vec_pretty(state).map_err(|e| StateError::Bad { path: path.clone(), why: e.to_string() })?;
-        let mut f = File::create(&tmp).map_err(io("cannot create", &tmp))?;
-        f.write_all(&data).map_err(io("cannot write", &tmp))?;
-        f.sync_all().map_err(io("cannot sync", &tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io("cannot rename into place", &path))?;
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", &self.dir))
+        sidecar::store::write_atomically(&path, &data).map_err(|e| StateError::Write(Box::new(e)))
     }
 }
 

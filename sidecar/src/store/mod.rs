@@ -274,11 +274,7 @@ impl Store {
         let id = self.next_id(name)?.max(above + 1);
         let dir = self.vm_dir(name);
         std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
-        let tmp = dir.join(".last-id.tmp");
-        write_durably(&tmp, id.to_string().as_bytes())?;
-        let path = dir.join("last-id");
-        std::fs::rename(&tmp, &path).map_err(io("cannot rename into place", &path))?;
-        File::open(&dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", &dir))?;
+        write_atomically(&dir.join("last-id"), id.to_string().as_bytes())?;
         Ok(id)
     }
 
@@ -447,6 +443,17 @@ impl Store {
         }
         Ok(report)
     }
+}
+
+/// Replaces `path` with `data` atomically and durably: a temp file beside it, fsync,
+/// rename, fsync of the directory.
+pub fn write_atomically(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    write_durably(&tmp, data)?;
+    std::fs::rename(&tmp, path).map_err(io("cannot rename into place", path))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", dir))
 }
 
 /// Writes `data` to `path` and fsyncs it.
