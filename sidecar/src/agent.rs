@@ -131,6 +131,8 @@ struct Agent {
     hold_started: Option<Instant>,
     /// The checkpoint and committed digest the coordinator asked to restore.
     restore_for: Option<(u64, String)>,
+    /// When a short store last had its unreferenced blocks swept.
+    last_sweep: Option<Instant>,
 }
 
 /// Runs the agent until `shutdown` resolves. Reconnects to the coordinator when the
@@ -160,6 +162,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         done_tx,
         hold_started: None,
         restore_for: None,
+        last_sweep: None,
     };
     tokio::pin!(shutdown);
     loop {
@@ -443,11 +446,34 @@ impl Agent {
         }
     }
 
+    /// A store short of room: sweep the blocks no manifest references (those of aborted
+    /// and discarded checkpoints), keeping every checkpoint, at most once a minute. gc
+    /// otherwise runs only after a commit, which a full store never reaches.
+    fn sweep(&mut self) {
+        if self.last_sweep.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+            return;
+        }
+        self.last_sweep = Some(Instant::now());
+        let (s, name) = (self.store.clone(), self.cfg.name.clone());
+        tokio::task::spawn_blocking(move || {
+            let keep = s.ids(&name).unwrap_or_default();
+            match s.gc_keep(&name, &keep) {
+                Ok(r) => {
+                    tracing::warn!(vm = %name, freed_mib = r.bytes_freed >> 20, "store short of room: swept unreferenced blocks")
+                }
+                Err(e) => tracing::warn!(vm = %name, "sweeping a short store failed: {e}"),
+            }
+        });
+    }
+
     async fn on_msg(&mut self, inc: u64, msg: Msg) {
         let tag = |epoch| Tag { inc, epoch };
         match msg {
             Msg::Prepare { epoch } => {
                 if let Some(reason) = self.refusal() {
+                    if reason.contains("MiB free") {
+                        self.sweep();
+                    }
                     return self.send(Msg::Vote { epoch, yes: false, reason: Some(reason) });
                 }
                 // Without its output gate a member could let an orphan message out.
