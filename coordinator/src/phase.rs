@@ -482,6 +482,11 @@ fn epoch_member(
     let Some(p) = run.members.get_mut(&name) else {
         return refuse(phase, format!("{name} is not a member of epoch {}", run.epoch));
     };
+    // Once the record is being written only its outcome decides: an abort now could tell
+    // members to drop checkpoints that a record on disk names.
+    if run.step == EpochStep::Committing {
+        return refuse(phase, format!("{} from {name}: the record being written decides the epoch", msg.kind()));
+    }
     let stage = p.stage.clone();
     match msg {
         Msg::Vote { yes: false, reason, .. } => {

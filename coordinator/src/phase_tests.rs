@@ -171,6 +171,17 @@ fn while_the_record_is_written_nothing_but_its_outcome_decides() {
     let mut q = p.clone();
     assert!(q.step(Event::Disconnected { name: "a".into() }, now, &s).is_err());
     assert!(q.step(Event::Tick, now + Duration::from_secs(60), &s).expect("tick").is_empty(), "no deadline");
+    // A VM failure or a failed step while the record is written cannot abort the epoch:
+    // the record may be on disk already.
+    for ev in [
+        member("a", Msg::VmFailed { reason: "gone".into() }),
+        member("b", Msg::StepFailed { epoch: 7, reason: "late".into() }),
+        member("a", Msg::Released { epoch: 7, hold_ms: 1.0, packets: 0, breach: Some("bound".into()) }),
+    ] {
+        let r = q.step(ev, now, &s).expect_err("the record decides");
+        assert!(r.why.contains("record being written"), "{r}");
+    }
+    assert_eq!(q, p);
     let plan = RecoveryPlan { epoch: 6, targets: BTreeMap::new(), reason: "x".into(), detected_at: now };
     assert!(q.step(Event::Recover(plan), now, &s).is_err(), "recovery waits for the record");
     let e = q.step(Event::RecordFailed { epoch: 7, reason: "disk full".into() }, now, &s).expect("failed");
