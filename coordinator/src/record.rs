@@ -197,7 +197,11 @@ impl Catalog {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(RecordError::Exists { path }),
             r => r.map_err(io("cannot link into place", &path))?,
         }
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", &self.dir))
+        // A record that may not be durable must not outlive the abort its failure causes.
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|source| {
+            let _ = std::fs::remove_file(&path);
+            RecordError::Io { what: "cannot sync", path: self.dir.clone(), source }
+        })
     }
 
     /// Removes records beyond the newest `keep`, and leftover temp files.
