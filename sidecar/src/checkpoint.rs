@@ -353,18 +353,7 @@ pub async fn prepare(
     let started = Instant::now();
     // Another operation on this VM (the previous checkpoint finishing, a restore) may
     // hold it for a moment: wait a little before calling it busy.
-    let vm = {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match store.lock_vm(name) {
-                Ok(l) => break l,
-                Err(StoreError::Busy { .. }) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    };
+    let vm = store.lock_vm_within(name, Duration::from_secs(10)).await?;
     // Waits while a gc holds the store: off the async threads.
     let s = store.clone();
     let shared = tokio::task::spawn_blocking(move || s.lock_shared())

@@ -176,18 +176,7 @@ pub async fn restore_with(
     let (id, paused) = (opts.id, opts.paused);
     let started = Instant::now();
     // A checkpoint being armed or stored holds the VM for a moment: wait for it.
-    let _vm = {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match store.lock_vm(name) {
-                Ok(l) => break l,
-                Err(StoreError::Busy { .. }) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    };
+    let _vm = store.lock_vm_within(name, Duration::from_secs(30)).await?;
     let id = match id {
         Some(id) => id,
         None => *store.ids(name)?.last().ok_or_else(|| StoreError::NoCheckpoint {

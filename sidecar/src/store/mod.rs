@@ -175,6 +175,20 @@ impl Store {
         self.lock(self.vm_dir(name).join("lock"), format!("VM {name}"), FlockArg::LockExclusiveNonblock)
     }
 
+    /// Locks VM `name` for one operation, waiting up to `within` while another operation
+    /// (a checkpoint finishing, a restore) holds it for a moment; then `Busy`.
+    pub async fn lock_vm_within(&self, name: &str, within: std::time::Duration) -> Result<Lock, StoreError> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            match self.lock_vm(name) {
+                Err(StoreError::Busy { .. }) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Locks VM `name` for the lifetime of its sidecar agent, without waiting: a second
     /// agent for the same VM gets `Busy`.
     pub fn lock_owner(&self, name: &str) -> Result<Lock, StoreError> {
