@@ -295,3 +295,84 @@ async fn connection(peer: Peer, r: Reader, mut w: Writer, in_tx: mpsc::Unbounded
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sidecar::proto::{self, Envelope, FrameReader, Msg, PROTOCOL};
+    use tokio::net::UnixStream;
+
+    use super::*;
+
+    fn register(name: &str, version: u32) -> Envelope {
+        Envelope::plain(Msg::Register {
+            version,
+            cluster: "default".into(),
+            name: name.into(),
+            qmp: "/nonexistent/qmp".into(),
+            store: "/nonexistent/store".into(),
+            pid: None,
+            pid_start: None,
+            checkpoints: vec![],
+            token: None,
+        })
+    }
+
+    async fn answer(s: &mut FrameReader<tokio::net::unix::OwnedReadHalf>) -> Msg {
+        tokio::time::timeout(Duration::from_secs(5), s.next()).await.expect("in time").expect("a message").msg
+    }
+
+    #[tokio::test]
+    async fn silent_peers_time_out_connections_are_capped_and_registrations_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = Config::new(dir.path());
+        cfg.max_connections = 3;
+        cfg.first_message_timeout = Duration::from_millis(300);
+        let socket = cfg.socket.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(run(cfg.clone(), async move {
+            let _ = stopped.await;
+        }));
+        while UnixStream::connect(&socket).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A second coordinator on the same state directory is refused.
+        let second = run(Config { socket: dir.path().join("other.sock"), ..cfg }, async {}).await;
+        assert!(matches!(second, Err(ServerError::State(crate::state::StateError::Locked { .. }))), "{second:?}");
+
+        // A peer that says nothing is told so and dropped.
+        let (r, _w) = UnixStream::connect(&socket).await.expect("connect").into_split();
+        let mut r = FrameReader::new(r);
+        assert!(matches!(answer(&mut r).await, Msg::Error { what } if what.contains("no message in time")));
+        assert!(matches!(r.next().await, Err(proto::FrameError::Closed)));
+
+        // Another protocol version is refused, naming both.
+        let (r, mut w) = UnixStream::connect(&socket).await.expect("connect").into_split();
+        let mut r = FrameReader::new(r);
+        proto::write(&mut w, &register("vm0", PROTOCOL + 1)).await.expect("write");
+        assert!(
+            matches!(answer(&mut r).await, Msg::Error { what } if what.contains(&format!("version {}", PROTOCOL + 1)))
+        );
+
+        // A second live registration of one name is refused.
+        let (r1, mut w1) = UnixStream::connect(&socket).await.expect("connect").into_split();
+        let mut r1 = FrameReader::new(r1);
+        proto::write(&mut w1, &register("vm0", PROTOCOL)).await.expect("write");
+        assert!(matches!(answer(&mut r1).await, Msg::Welcome { version: PROTOCOL, .. }));
+        let (r2, mut w2) = UnixStream::connect(&socket).await.expect("connect").into_split();
+        let mut r2 = FrameReader::new(r2);
+        proto::write(&mut w2, &register("vm0", PROTOCOL)).await.expect("write");
+        assert!(matches!(answer(&mut r2).await, Msg::Error { what } if what.contains("already registered")));
+
+        // Connections beyond the cap are refused (vm0's holds one; two silent ones fill it).
+        let _a = UnixStream::connect(&socket).await.expect("connect");
+        let _b = UnixStream::connect(&socket).await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (r, _w) = UnixStream::connect(&socket).await.expect("connect").into_split();
+        let mut r = FrameReader::new(r);
+        assert!(matches!(answer(&mut r).await, Msg::Error { what } if what.contains("too many connections")));
+        let _ = stop.send(());
+        server.await.expect("join").expect("clean stop");
+    }
+}
