@@ -422,7 +422,8 @@ impl Agent {
     }
 
     /// Why this VM cannot take part in an epoch now, if it cannot.
-    fn refusal(&self) -> Option<String> {
+    /// A store short of room also gets its unreferenced blocks swept ([`Agent::sweep`]).
+    fn refusal(&mut self) -> Option<String> {
         if !self.vm.can_checkpoint() || self.qmp.is_none() {
             return Some(format!("VM {}", self.vm.name()));
         }
@@ -433,6 +434,9 @@ impl Agent {
         match nix::sys::statvfs::statvfs(self.store.root()) {
             Ok(s) => {
                 let free = s.blocks_available() * s.fragment_size();
+                if free < MIN_FREE {
+                    self.sweep();
+                }
                 (free < MIN_FREE).then(|| {
                     format!(
                         "store {} has {} MiB free, needs {} MiB",
@@ -471,9 +475,6 @@ impl Agent {
         match msg {
             Msg::Prepare { epoch } => {
                 if let Some(reason) = self.refusal() {
-                    if reason.contains("MiB free") {
-                        self.sweep();
-                    }
                     return self.send(Msg::Vote { epoch, yes: false, reason: Some(reason) });
                 }
                 // Without its output gate a member could let an orphan message out.
