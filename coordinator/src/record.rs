@@ -124,7 +124,7 @@ impl Catalog {
     /// The catalog under `dir`, created if needed.
     pub fn open(dir: &Path) -> Result<Catalog, RecordError> {
         let epochs = dir.join("epochs");
-        std::fs::create_dir_all(&epochs).map_err(|source| RecordError::Io {
+        sidecar::store::private::create_dir_all(&epochs).map_err(|source| RecordError::Io {
             what: "cannot create",
             path: epochs.clone(),
             source,
@@ -185,7 +185,7 @@ impl Catalog {
             let p = p.to_owned();
             move |source| RecordError::Io { what, path: p, source }
         };
-        let mut f = File::create(&tmp).map_err(io("cannot create", &tmp))?;
+        let mut f = sidecar::store::private::create(&tmp).map_err(io("cannot create", &tmp))?;
         let mut data = serde_json::to_vec_pretty(record)
             .map_err(|e| RecordError::Bad { path: path.clone(), why: e.to_string() })?;
         data.push(b'\n');

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
+use sidecar::store::private;
 
 /// The state format this code writes and reads.
 pub const FORMAT: u32 = 1;
@@ -90,9 +91,9 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StateEr
 impl StateDir {
     /// Locks `dir` (created if needed) or says who holds it.
     pub fn lock(dir: &Path) -> Result<StateDir, StateError> {
-        std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
+        private::create_dir_all(dir).map_err(io("cannot create", dir))?;
         let path = dir.join("lock");
-        let f = File::options()
+        let f = private::options()
             .create(true)
             .truncate(false)
             .read(true)

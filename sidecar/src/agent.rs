@@ -133,6 +133,8 @@ struct Agent {
     restore_for: Option<(u64, String)>,
     /// When a short store last had its unreferenced blocks swept.
     last_sweep: Option<Instant>,
+    /// The checkpoints the coordinator last said to keep (its committed, retained ones).
+    keep: Option<Vec<u64>>,
 }
 
 /// Runs the agent until `shutdown` resolves. Reconnects to the coordinator when the
@@ -163,6 +165,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         hold_started: None,
         restore_for: None,
         last_sweep: None,
+        keep: None,
     };
     tokio::pin!(shutdown);
     loop {
@@ -411,6 +414,7 @@ impl Agent {
     /// The coordinator says which checkpoints were committed and which aborted: the slot
     /// settles, and exactly the aborted ones are discarded.
     async fn welcome(&mut self, committed: &[u64], aborted: &[u64]) {
+        self.keep = Some(committed.to_vec());
         self.slot_event(SlotEvent::Welcome { committed: committed.to_vec(), aborted: aborted.to_vec() }).await;
         let name = self.cfg.name.clone();
         for id in aborted {
@@ -434,7 +438,7 @@ impl Agent {
         match nix::sys::statvfs::statvfs(self.store.root()) {
             Ok(s) => {
                 let free = s.blocks_available() * s.fragment_size();
-                if free < MIN_FREE {
+                if free < NEAR_FULL {
                     self.sweep();
                 }
                 (free < MIN_FREE).then(|| {
@@ -450,17 +454,18 @@ impl Agent {
         }
     }
 
-    /// A store short of room: sweep the blocks no manifest references (those of aborted
-    /// and discarded checkpoints), keeping every checkpoint, at most once a minute. gc
-    /// otherwise runs only after a commit, which a full store never reaches.
+    /// A store near full: gc as after a commit (keeping what the coordinator last said to
+    /// keep, and anything newer), or, before any word from it, sweep only the blocks no
+    /// manifest references; at most once a minute. gc otherwise runs only after a commit,
+    /// which a full store never reaches.
     fn sweep(&mut self) {
         if self.last_sweep.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
             return;
         }
         self.last_sweep = Some(Instant::now());
-        let (s, name) = (self.store.clone(), self.cfg.name.clone());
+        let (s, name, keep) = (self.store.clone(), self.cfg.name.clone(), self.keep.clone());
         tokio::task::spawn_blocking(move || {
-            let keep = s.ids(&name).unwrap_or_default();
+            let keep = keep.unwrap_or_else(|| s.ids(&name).unwrap_or_default());
             match s.gc_keep(&name, &keep) {
                 Ok(r) => {
                     tracing::warn!(vm = %name, freed_mib = r.bytes_freed >> 20, "store short of room: swept unreferenced blocks")
@@ -509,6 +514,9 @@ impl Agent {
             }
             Msg::Commit { epoch, keep } => {
                 self.slot_event(SlotEvent::Commit(tag(epoch))).await;
+                if !keep.is_empty() {
+                    self.keep = Some(keep.clone());
+                }
                 failpoint::hit("sidecar-after-commit");
                 if !keep.is_empty() {
                     // gc waits for other writers of the store: off the async threads.
@@ -577,6 +585,8 @@ fn verify(store: &Store, name: &str, id: u64, digest: &str) -> Vec<String> {
 
 /// Least free space in the store for a yes vote.
 const MIN_FREE: u64 = 64 << 20;
+/// Free space below which the store is swept before it is full.
+const NEAR_FULL: u64 = 2 * MIN_FREE;
 
 /// The file that makes a sidecar refuse epochs (maintenance): `STORE/vms/NAME/no-checkpoints`.
 pub fn refusal_file(store: &std::path::Path, name: &str) -> PathBuf {
@@ -587,7 +597,7 @@ pub fn refusal_file(store: &std::path::Path, name: &str) -> PathBuf {
 /// among them (gc empties `tmp/`).
 fn gate_dir(store: &std::path::Path) -> PathBuf {
     let dir = store.join("run");
-    let _ = std::fs::create_dir_all(&dir);
+    let _ = crate::store::private::create_dir_all(&dir);
     dir
 }
 

@@ -1044,7 +1044,7 @@ async fn open_sink(
     match mapped {
         Ok(_) => {
             let path = store.tmp().join(format!("{name}-{id}.ram"));
-            let file = std::fs::File::create(&path).map_err(|source| {
+            let file = crate::store::private::create(&path).map_err(|source| {
                 CheckpointError::Store(StoreError::Io { what: "cannot create", path: path.clone(), source })
             })?;
             let info = qmp

@@ -127,9 +127,14 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 /// every block's hash.
 pub fn restore_file(path: &Path, blocks: &Blocks, stream: &Stream) -> Result<(), BlockError> {
     let write_err = |source| BlockError::Write { hash: "(migration file)".into(), path: path.to_owned(), source };
-    let f = File::create(path).map_err(write_err)?;
+    let f = crate::store::private::create(path).map_err(write_err)?;
     let mut off = 0u64;
     for (hash, len) in &stream.blocks {
+        // Every length comes from the manifest: the blocks must add up to its total.
+        let end = off.checked_add(*len).filter(|e| *e <= stream.bytes).ok_or_else(|| BlockError::Damaged {
+            hash: hash.clone(),
+            why: format!("a block of {len} bytes at {off} runs past the recorded {} bytes", stream.bytes),
+        })?;
         if hash != ZERO {
             let data = blocks.get(hash)?;
             if data.len() as u64 != *len {
@@ -140,7 +145,13 @@ pub fn restore_file(path: &Path, blocks: &Blocks, stream: &Stream) -> Result<(),
             }
             std::os::unix::fs::FileExt::write_all_at(&f, &data, off).map_err(write_err)?;
         }
-        off += len;
+        off = end;
+    }
+    if off != stream.bytes {
+        return Err(BlockError::Damaged {
+            hash: "(migration file)".into(),
+            why: format!("blocks add up to {off} bytes, recorded {}", stream.bytes),
+        });
     }
     f.set_len(off).map_err(write_err)?;
     Ok(())
@@ -163,7 +174,7 @@ pub fn feed_stream(pipe: OwnedFd, blocks: &Blocks, stream: &Stream) -> Result<u6
             path: "migration pipe to QEMU".into(),
             source,
         })?;
-        total += *len;
+        total += data.len() as u64;
     }
     Ok(total)
 }

@@ -61,3 +61,50 @@ mod evidence_tests {
         assert!(!runs(pid, None));
     }
 }
+
+/// Sends SIGKILL to process `pid` only if it is still the one that started at `start`.
+/// The process is pinned with a pidfd before its start time is read, and signalled
+/// through that pidfd: a pid reused between the check and the signal is never hit.
+/// Returns false when `pid` is gone or is another process now.
+pub fn kill_checked(pid: i32, start: u64) -> std::io::Result<bool> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ESRCH) { Ok(false) } else { Err(e) };
+    }
+    // SAFETY: fd is a new pidfd that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    if start_time(pid) != Some(start) {
+        return Ok(false);
+    }
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&pidfd);
+    // SAFETY: pidfd_send_signal on a pidfd we own, no siginfo, no flags.
+    let r = unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, raw, libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0)
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ESRCH) { Ok(false) } else { Err(e) };
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod kill_tests {
+    use super::*;
+
+    #[test]
+    fn only_the_process_that_started_then_is_killed() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("spawn");
+        let pid = child.id() as i32;
+        let start = start_time(pid).expect("start time");
+        assert!(!kill_checked(pid, start + 1).expect("kill"), "another start time: not this process");
+        assert!(!is_gone(pid), "left running");
+        assert!(kill_checked(pid, start).expect("kill"));
+        let status = child.wait().expect("wait");
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+        assert!(!kill_checked(pid, start).expect("kill"), "gone");
+    }
+}

@@ -18,7 +18,7 @@ use serde_json::json;
 use crate::checkpoint::BITMAP_PREFIX;
 use crate::disk::{self, CHUNK, DiskError};
 use crate::memory;
-use crate::store::{BlockError, Manifest, Store, StoreError, hash_file};
+use crate::store::{BlockError, Manifest, Store, StoreError, Trust, hash_file};
 
 const FD_NAME: &str = "cutline-incoming";
 
@@ -79,17 +79,29 @@ pub enum RestoreError {
     /// The incoming migration failed.
     #[error("loading the saved state failed: {0}")]
     Incoming(String),
-    /// The manifest is not the one the commit record names.
-    #[error("checkpoint {id} of {name}: manifest digest {actual} is not the committed {expected}")]
-    NotCommitted {
+    /// The manifest's program is not a QEMU system emulator.
+    #[error("checkpoint {id} of {name}: refusing to run {program}: {why}")]
+    NotQemu {
         /// VM name.
         name: String,
         /// Checkpoint id.
         id: u64,
-        /// Its digest now.
-        actual: String,
-        /// The digest committed.
-        expected: String,
+        /// argv[0].
+        program: String,
+        /// Why it is refused.
+        why: String,
+    },
+    /// The manifest would have restore write a file that is not one of the VM's disks.
+    #[error("checkpoint {id} of {name}: refusing to write {path}: {why}")]
+    NotADisk {
+        /// VM name.
+        name: String,
+        /// Checkpoint id.
+        id: u64,
+        /// The file.
+        path: String,
+        /// Why it is refused.
+        why: String,
     },
     /// A QEMU of this VM still runs after it was stopped: relaunching would run it twice.
     #[error("QEMU of {qmp} still runs (pid {pids:?}): not relaunching a second instance")]
@@ -185,13 +197,15 @@ pub async fn restore_with(
             store: store.root().to_owned(),
         })?,
     };
-    let m = store.manifest(name, id)?;
-    if let Some(expected) = &opts.digest {
-        let actual = store.manifest_digest(name, id)?;
-        if &actual != expected {
-            return Err(RestoreError::NotCommitted { name: name.to_owned(), id, actual, expected: expected.clone() });
-        }
-    }
+    // Only a manifest a commit record names, or the store signed, is trusted; and even
+    // then only to run QEMU and to write the VM's own disks.
+    let trust = match &opts.digest {
+        Some(d) => Trust::Committed(d),
+        None => Trust::Signed,
+    };
+    let m = store.trusted_manifest(name, id, trust)?;
+    check_program(&m)?;
+    check_disks(&m, store)?;
     progress(&format!("verifying checkpoint {id} of {name}"));
     let blocks = store.blocks().clone();
     let hashes: Vec<String> = m.blocks().map(str::to_owned).collect();
@@ -225,8 +239,13 @@ pub async fn restore_with(
     }
 
     // Rebuild disks beside the originals while the old guest still runs. Every work file
-    // goes on any way out; those renamed into place are no longer there to go.
-    let mut work = WorkFiles::default();
+    // goes on any way out; those renamed into place are no longer there to go. The store
+    // is held shared meanwhile, so a gc does not take the work files in tmp/.
+    let s = store.clone();
+    let held = tokio::task::spawn_blocking(move || s.lock_shared())
+        .await
+        .map_err(|e| RestoreError::Relaunch(format!("lock task: {e}")))??;
+    let mut work = WorkFiles { files: Vec::new(), _store: Some(held) };
     let mut staged = Vec::new();
     for d in &m.disks {
         progress(&format!("rebuilding disk {} ({} chunks)", d.node, d.chunks.len()));
@@ -235,14 +254,14 @@ pub async fn restore_with(
             ".{}.cutline-restore",
             original.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
         ));
-        let staging = store
-            .tmp()
-            .join(format!("restore-{name}-{id}-{}", d.node.replace(|c: char| !c.is_ascii_alphanumeric(), "_")));
-        work.0.push(tmp.clone());
-        let (disk, blocks, t) = (d.clone(), store.blocks().clone(), tmp.clone());
-        let r = tokio::task::spawn_blocking(move || disk::write_image(&disk, &blocks, &t, &staging))
-            .await
-            .map_err(|e| RestoreError::Relaunch(format!("disk task: {e}")))?;
+        work.files.push(tmp.clone());
+        let (disk, blocks, t, o) = (d.clone(), store.blocks().clone(), tmp.clone(), original.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            disk::write_image(&disk, &blocks, &t)?;
+            disk::take_identity(&o, &t)
+        })
+        .await
+        .map_err(|e| RestoreError::Relaunch(format!("disk task: {e}")))?;
         r.map_err(|source| RestoreError::Disk { node: d.node.clone(), source })?;
         staged.push((tmp, original));
     }
@@ -251,7 +270,7 @@ pub async fn restore_with(
     let ram_file = if m.memory.layout == "mapped-ram" {
         let path = store.tmp().join(format!("restore-{name}-{id}.ram"));
         progress(&format!("rebuilding the {} MiB memory file", m.memory.bytes >> 20));
-        work.0.push(path.clone());
+        work.files.push(path.clone());
         let (p, blocks, stream) = (path.clone(), store.blocks().clone(), m.memory.clone());
         let r = tokio::task::spawn_blocking(move || memory::restore_file(&p, &blocks, &stream))
             .await
@@ -282,6 +301,7 @@ pub async fn restore_with(
     progress("relaunching QEMU");
     let log = store.root().join("vms").join(name).join("qemu.log");
     let pid = launch(&m, &log)?;
+    let started_at = crate::process::start_time(pid);
     // Until it runs the restored guest, the new QEMU is ours: a failure kills it.
     let loaded = load(&m, store, &qmp_path, pid, &log, paused, ram_file.as_deref(), progress).await;
     drop(work);
@@ -300,7 +320,9 @@ pub async fn restore_with(
             })
         }
         Err(e) => {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            if let Some(start) = started_at {
+                let _ = crate::process::kill_checked(pid, start);
+            }
             Err(e)
         }
     }
@@ -401,16 +423,76 @@ async fn load(
     Ok(pid)
 }
 
-/// Work files of a restore, removed when it ends, however it ends.
-#[derive(Default)]
-struct WorkFiles(Vec<PathBuf>);
+/// Work files of a restore, removed when it ends, however it ends; the store stays held
+/// shared until they are gone.
+struct WorkFiles {
+    files: Vec<PathBuf>,
+    _store: Option<crate::store::Lock>,
+}
 
 impl Drop for WorkFiles {
     fn drop(&mut self) {
-        for f in &self.0 {
+        for f in &self.files {
             let _ = std::fs::remove_file(f);
         }
     }
+}
+
+/// Refuses a manifest whose argv[0] is not a QEMU system emulator: an executable regular
+/// file named `qemu-system-*` (after symlinks) that only its owner can write.
+fn check_program(m: &Manifest) -> Result<(), RestoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let program = m.argv.first().cloned().unwrap_or_default();
+    let refuse = |why: String| RestoreError::NotQemu { name: m.name.clone(), id: m.id, program: program.clone(), why };
+    if program.is_empty() {
+        return Err(refuse("the recorded argv is empty".into()));
+    }
+    let path = if program.contains('/') {
+        resolve(m, &program)
+    } else {
+        std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths)
+            .map(|d| d.join(&program))
+            .find(|p| p.is_file())
+            .ok_or_else(|| refuse("not found in PATH".into()))?
+    };
+    let real = std::fs::canonicalize(&path).map_err(|e| refuse(format!("{}: {e}", path.display())))?;
+    let named = real.file_name().and_then(|f| f.to_str()).is_some_and(|f| f.starts_with("qemu-system-"));
+    if !named {
+        return Err(refuse(format!("{} is not a qemu-system-* emulator", real.display())));
+    }
+    let meta = std::fs::metadata(&real).map_err(|e| refuse(format!("{}: {e}", real.display())))?;
+    let mode = meta.permissions().mode();
+    if !meta.is_file() || mode & 0o111 == 0 {
+        return Err(refuse(format!("{} is not an executable file", real.display())));
+    }
+    if mode & 0o022 != 0 {
+        return Err(refuse(format!("{} is writable by others (mode {:o})", real.display(), mode & 0o7777)));
+    }
+    Ok(())
+}
+
+/// Refuses a manifest that would have restore write anything but the VM's own disks: each
+/// disk file must be named by the recorded QEMU command line, and lie outside the store.
+fn check_disks(m: &Manifest, store: &Store) -> Result<(), RestoreError> {
+    let store_root = std::fs::canonicalize(store.root()).unwrap_or_else(|_| store.root().to_owned());
+    for d in &m.disks {
+        let refuse =
+            |why: String| RestoreError::NotADisk { name: m.name.clone(), id: m.id, path: d.filename.clone(), why };
+        if d.filename.is_empty() || !m.argv.iter().skip(1).any(|a| a.contains(&d.filename)) {
+            return Err(refuse("the recorded QEMU command line does not name it".into()));
+        }
+        let path = resolve(m, &d.filename);
+        let dir = path.parent().and_then(|p| std::fs::canonicalize(p).ok()).unwrap_or_else(|| path.clone());
+        if dir.starts_with(&store_root) {
+            return Err(refuse(format!("it lies inside the store {}", store_root.display())));
+        }
+        if std::fs::symlink_metadata(&path).is_ok_and(|md| !md.file_type().is_file()) {
+            return Err(refuse("it is not a regular file".into()));
+        }
+    }
+    Ok(())
 }
 
 fn resolve(m: &Manifest, p: &str) -> PathBuf {
@@ -469,8 +551,9 @@ async fn stop_running(
         ),
     };
     let Some(pid) = pid else { return Ok(()) };
-    let target = nix::unistd::Pid::from_raw(pid);
-    let alive = || !crate::process::is_gone(pid);
+    // The process found now, named by its start time: a pid reused while we wait is not it.
+    let Some(start) = crate::process::start_time(pid) else { return Ok(()) };
+    let alive = || crate::process::runs(pid, Some(start));
     // A QEMU that took `quit` gets 10 s to exit cleanly; one that could not be asked
     // (its QMP socket busy or gone) is killed at once.
     let first = if asked { 0 } else { 499 };
@@ -479,7 +562,7 @@ async fn stop_running(
             return Ok(());
         }
         if i == 499 {
-            let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
+            let _ = crate::process::kill_checked(pid, start);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -554,6 +637,74 @@ async fn connect_new(qmp_path: &Path, pid: i32, log: &Path) -> Result<Qmp, Resto
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn manifest(argv: &[&str], disk: Option<&str>) -> Manifest {
+        let mut m: Manifest = serde_json::from_value(serde_json::json!({
+            "format": 1, "id": 1, "name": "vm", "parent": null, "created_unix_ms": 1,
+            "mode": "background-snapshot", "mode_reason": null, "qemu_version": "10.0.2",
+            "qemu_package": "", "machine": "pc", "ram_bytes": 1, "argv": argv, "cwd": null,
+            "qmp": "/q.sock", "pidfile": null,
+            "memory": {"layout": "stream", "bytes": 0, "blocks": [], "bytes_stored": 0},
+            "disks": [], "timings": {"pause_ms": 0.0, "duration_ms": 0.0, "memory_ms": 0.0,
+            "disks_ms": 0.0, "sync_ms": 0.0},
+            "bytes_stored": 0, "checksum": ""
+        }))
+        .expect("manifest");
+        if let Some(f) = disk {
+            m.disks.push(
+                serde_json::from_value(serde_json::json!({
+                    "node": "disk0", "device": "dev0", "filename": f, "format": "qcow2",
+                    "virtual_size": 65536, "cluster_size": 65536, "chunk_size": 65536, "backing": null,
+                    "chunks": [], "full": true, "full_reason": null, "bytes_stored": 0, "bytes_copied": 0
+                }))
+                .expect("disk"),
+            );
+        }
+        m
+    }
+
+    #[test]
+    fn only_a_qemu_system_emulator_is_run() {
+        let qemu = std::env::var("CUTLINE_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
+        assert!(check_program(&manifest(&[&qemu, "-m", "128"], None)).is_ok(), "{qemu}");
+        for (argv0, why) in [
+            ("/bin/sh", "not a qemu-system"),
+            ("", "empty"),
+            ("qemu-system-nonesuch", "not found"),
+            ("/nonexistent/qemu-system-x86_64", "No such file"),
+        ] {
+            let err = check_program(&manifest(&[argv0], None)).expect_err(argv0);
+            assert!(err.to_string().contains(why), "{argv0}: {err}");
+        }
+        // A file named like QEMU that others could have written.
+        let d = tempfile::tempdir().expect("tempdir");
+        let fake = d.path().join("qemu-system-x86_64");
+        std::fs::write(&fake, b"#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+        let err = check_program(&manifest(&[fake.to_str().expect("utf-8")], None)).expect_err("writable");
+        assert!(err.to_string().contains("writable by others"), "{err}");
+    }
+
+    #[test]
+    fn only_the_vms_own_disks_are_written() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&d.path().join("store")).expect("store");
+        let disk = d.path().join("disk0.qcow2");
+        std::fs::write(&disk, b"").expect("disk");
+        let blockdev = format!("driver=file,node-name=file0,filename={}", disk.display());
+        let ok = manifest(&["qemu-system-x86_64", "-blockdev", &blockdev], disk.to_str());
+        assert!(check_disks(&ok, &store).is_ok());
+        let not_named = manifest(&["qemu-system-x86_64"], Some("/etc/passwd"));
+        let err = check_disks(&not_named, &store).expect_err("not named");
+        assert!(err.to_string().contains("/etc/passwd") && err.to_string().contains("does not name"), "{err}");
+        let key = store.root().join("key").display().to_string();
+        let in_store = manifest(&["qemu-system-x86_64", "-drive", &format!("file={key}")], Some(&key));
+        let err = check_disks(&in_store, &store).expect_err("in the store");
+        assert!(err.to_string().contains("inside the store"), "{err}");
+        let dir = d.path().display().to_string();
+        let not_file = manifest(&["qemu-system-x86_64", "-drive", &format!("file={dir}")], Some(&dir));
+        assert!(check_disks(&not_file, &store).expect_err("a directory").to_string().contains("regular file"));
+    }
 
     #[test]
     fn relaunch_argv_replaces_incoming_and_pauses() {

@@ -3,16 +3,22 @@
 //!
 //! On disk a block file is one codec byte (0 raw, 1 zstd) followed by the payload.
 //! Blocks are written to a temp file and renamed into place; durability comes from
-//! one `syncfs` before a manifest that references them is committed.
+//! one `syncfs` before a manifest that references them is committed. A block file found
+//! already there (a dedup hit) may be the torn leftover of a write a crash or power loss
+//! cut short: it is read back and hashed once before it is trusted, and rewritten when
+//! it is not whole.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
 use super::compress::Policy;
+use super::private;
 
 const CODEC_RAW: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
@@ -87,12 +93,37 @@ pub struct Put {
 pub struct Blocks {
     dir: PathBuf,
     tmp: PathBuf,
+    /// Blocks this process wrote or read back whole: a dedup hit on one is trusted.
+    whole: Arc<Mutex<HashSet<[u8; 32]>>>,
+}
+
+/// The 32 bytes of a hex sha256 (`None` for anything else).
+fn digest_bytes(hash: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if hash.len() != 64 {
+        return None;
+    }
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hash.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 impl Blocks {
     /// Blocks under `dir`, temp files under `tmp` (same filesystem).
     pub fn new(dir: PathBuf, tmp: PathBuf) -> Blocks {
-        Blocks { dir, tmp }
+        Blocks { dir, tmp, whole: Arc::default() }
+    }
+
+    fn known_whole(&self, hash: &str) -> bool {
+        let Some(d) = digest_bytes(hash) else { return false };
+        self.whole.lock().is_ok_and(|w| w.contains(&d))
+    }
+
+    fn mark_whole(&self, hash: &str) {
+        if let (Some(d), Ok(mut w)) = (digest_bytes(hash), self.whole.lock()) {
+            w.insert(d);
+        }
     }
 
     /// The file of block `hash`.
@@ -105,12 +136,18 @@ impl Blocks {
         self.path(hash).exists()
     }
 
-    /// Stores `data` unless a block with its hash exists; compresses by `policy`.
+    /// Stores `data` unless a whole block with its hash exists; compresses by `policy`.
     pub fn put(&self, data: &[u8], policy: &mut Policy) -> Result<Put, BlockError> {
         let hash = sha256_hex(data);
         let path = self.path(&hash);
         if path.exists() {
-            return Ok(Put { hash, len: data.len() as u64, stored: 0 });
+            if self.known_whole(&hash) {
+                return Ok(Put { hash, len: data.len() as u64, stored: 0 });
+            }
+            match self.get(&hash) {
+                Ok(_) => return Ok(Put { hash, len: data.len() as u64, stored: 0 }),
+                Err(e) => tracing::warn!("rewriting a block found damaged: {e}"),
+            }
         }
         let mut compressed = None;
         if policy.should_try() {
@@ -133,22 +170,23 @@ impl Blocks {
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = self.tmp.join(format!("block-{hash}-{}-{seq}", std::process::id()));
         let write = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
+            let mut f = private::create(&tmp)?;
             f.write_all(&[codec])?;
             f.write_all(payload)?;
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
+                private::create_dir_all(parent)?;
             }
             std::fs::rename(&tmp, &path)
         };
         if let Err(e) = write() {
             let _ = std::fs::remove_file(&tmp);
             // Another writer stored the same content meanwhile: that is the block.
-            if path.exists() {
+            if path.exists() && self.get(&hash).is_ok() {
                 return Ok(Put { hash, len: data.len() as u64, stored: 0 });
             }
             return Err(err(e));
         }
+        self.mark_whole(&hash);
         Ok(Put { hash, len: data.len() as u64, stored: payload.len() as u64 + 1 })
     }
 
@@ -171,6 +209,7 @@ impl Blocks {
         if actual != hash {
             return Err(damaged(format!("content hashes to {actual}")));
         }
+        self.mark_whole(hash);
         Ok(data)
     }
 
@@ -240,6 +279,37 @@ mod tests {
         let data: Vec<u8> = (0..20_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         let put = b.put(&data, &mut p).expect("put");
         assert_eq!(put.stored, data.len() as u64 + 1);
+    }
+
+    #[test]
+    fn a_torn_block_found_on_dedup_is_rewritten_once() {
+        let (_d, b) = blocks();
+        let mut p = Policy::new(Estimates { ratio: 1.0, ..Estimates::default() });
+        let data = b"a block a crash left empty".to_vec();
+        let hash = sha256_hex(&data);
+        // What a power loss leaves of a write renamed into place before it reached the disk.
+        std::fs::create_dir_all(b.path(&hash).parent().expect("parent")).expect("mkdir");
+        std::fs::write(b.path(&hash), b"").expect("torn block");
+        let put = b.put(&data, &mut p).expect("put");
+        assert!(put.stored > 0, "the torn block is written again, not deduplicated: {put:?}");
+        assert_eq!(b.get(&hash).expect("whole again"), data);
+        // Read back whole once, the block is trusted from then on without reading it again.
+        std::fs::write(b.path(&hash), b"").expect("torn again");
+        assert_eq!(b.put(&data, &mut p).expect("put").stored, 0);
+        // Another process (a fresh handle) checks it once more.
+        let fresh = Blocks::new(b.dir.clone(), b.tmp.clone());
+        assert!(fresh.put(&data, &mut p).expect("put").stored > 0);
+    }
+
+    #[test]
+    fn block_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_d, b) = blocks();
+        let mut p = Policy::new(Estimates::default());
+        let put = b.put(b"private", &mut p).expect("put");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&b.path(&put.hash)), 0o600);
+        assert_eq!(mode(b.path(&put.hash).parent().expect("fan-out dir")), 0o700);
     }
 
     #[test]

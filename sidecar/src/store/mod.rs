@@ -4,14 +4,22 @@
 //! ```text
 //! STORE/blocks/ab/abcdef…   block files (sha256 of the uncompressed content)
 //! STORE/vms/NAME/ID.json     manifests; a checkpoint exists once its manifest does
+//! STORE/vms/NAME/ID.hmac     the manifest's tag under the store's key (written first)
+//! STORE/key                  the store's signing key
 //! STORE/tmp/                 work files, on the same filesystem for renames
-//! STORE/lock                 shared by writers of blocks, exclusive for gc
+//! STORE/lock                 shared by writers of blocks and by restores' work files,
+//!                            exclusive for gc
 //! STORE/vms/NAME/lock        one operation per VM at a time
 //! ```
+//!
+//! Everything the store creates is its owner's alone (directories 0700, files 0600), and
+//! a store whose root others can write is refused.
 
 pub mod blocks;
 pub mod compress;
+pub mod key;
 pub mod manifest;
+pub mod private;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -22,6 +30,7 @@ use nix::fcntl::{Flock, FlockArg};
 
 pub use blocks::{BlockError, Blocks, Hash, Put};
 pub use compress::{Estimates, Policy};
+pub use key::{Key, KeyError};
 pub use manifest::{Manifest, ManifestError};
 
 /// Errors of the store.
@@ -77,6 +86,39 @@ pub enum StoreError {
     /// A block operation failed.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// Others than its owner can write the store's root: whoever can would choose what a
+    /// restore runs and overwrites.
+    #[error("store {path} is writable by others (mode {mode:o}): make it its owner's alone (chmod 0700)")]
+    Exposed {
+        /// The root.
+        path: PathBuf,
+        /// Its mode.
+        mode: u32,
+    },
+    /// The store's key is unusable.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// A manifest is not the one the store signed (or a commit record names).
+    #[error("checkpoint {id} of VM {name}: manifest {path} is not trusted: {why}")]
+    Untrusted {
+        /// VM name.
+        name: String,
+        /// Checkpoint id.
+        id: u64,
+        /// The manifest file.
+        path: PathBuf,
+        /// What does not match.
+        why: String,
+    },
+}
+
+/// What a manifest read for a restore must match.
+#[derive(Debug, Clone, Copy)]
+pub enum Trust<'a> {
+    /// The sha256 of the manifest a cluster commit record holds.
+    Committed(&'a str),
+    /// The tag the store put beside it under its key (a single VM's own checkpoints).
+    Signed,
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -118,15 +160,19 @@ pub struct GcReport {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `root`, checking that it is writable.
+    /// Opens (creating if needed) the store at `root`, checking that it is writable by its
+    /// owner alone; a new store gets its key.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
         let not_writable = |source| StoreError::NotWritable { path: root.to_owned(), source };
+        private::create_dir_all(root).map_err(not_writable)?;
+        check_root(root)?;
         for d in ["blocks", "vms", "tmp"] {
-            std::fs::create_dir_all(root.join(d)).map_err(not_writable)?;
+            private::create_dir_all(&root.join(d)).map_err(not_writable)?;
         }
         let probe = root.join("tmp").join(format!(".probe-{}", std::process::id()));
-        File::create(&probe).and_then(|mut f| f.write_all(b"x")).map_err(not_writable)?;
+        private::create(&probe).and_then(|mut f| f.write_all(b"x")).map_err(not_writable)?;
         let _ = std::fs::remove_file(&probe);
+        Key::open_or_create(&root.join("key"))?;
         Ok(Store { blocks: Blocks::new(root.join("blocks"), root.join("tmp")), root: root.to_owned() })
     }
 
@@ -139,6 +185,7 @@ impl Store {
                 source: std::io::ErrorKind::NotFound.into(),
             });
         }
+        check_root(root)?;
         Ok(Store { blocks: Blocks::new(root.join("blocks"), root.join("tmp")), root: root.to_owned() })
     }
 
@@ -163,10 +210,14 @@ impl Store {
 
     fn lock(&self, path: PathBuf, what: String, arg: FlockArg) -> Result<Lock, StoreError> {
         if let Some(p) = path.parent() {
-            std::fs::create_dir_all(p).map_err(io("cannot create", p))?;
+            private::create_dir_all(p).map_err(io("cannot create", p))?;
         }
-        let f =
-            File::options().create(true).truncate(false).write(true).open(&path).map_err(io("cannot open", &path))?;
+        let f = private::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io("cannot open", &path))?;
         Flock::lock(f, arg).map(Lock).map_err(|_| StoreError::Busy { what, path })
     }
 
@@ -245,15 +296,53 @@ impl Store {
         self.vm_dir(name).join(format!("{id:010}.json"))
     }
 
-    /// Reads and checks checkpoint `id` of VM `name`.
-    pub fn manifest(&self, name: &str, id: u64) -> Result<Manifest, StoreError> {
+    fn tag_path(&self, name: &str, id: u64) -> PathBuf {
+        self.vm_dir(name).join(format!("{id:010}.hmac"))
+    }
+
+    fn read_manifest(&self, name: &str, id: u64) -> Result<(PathBuf, Vec<u8>), StoreError> {
         let path = self.manifest_path(name, id);
         let data = std::fs::read(&path).map_err(|_| StoreError::NoCheckpoint {
             name: name.to_owned(),
             id: id.to_string(),
             store: self.root.clone(),
         })?;
+        Ok((path, data))
+    }
+
+    /// Reads and checks checkpoint `id` of VM `name`.
+    pub fn manifest(&self, name: &str, id: u64) -> Result<Manifest, StoreError> {
+        let (path, data) = self.read_manifest(name, id)?;
         Manifest::from_bytes(&data).map_err(|source| StoreError::Manifest { path, source })
+    }
+
+    /// Reads checkpoint `id` of VM `name` for a restore: the very bytes parsed are the ones
+    /// checked against `trust`, and the manifest must name this VM and this checkpoint.
+    pub fn trusted_manifest(&self, name: &str, id: u64, trust: Trust<'_>) -> Result<Manifest, StoreError> {
+        let (path, data) = self.read_manifest(name, id)?;
+        let untrusted = |why: String| StoreError::Untrusted { name: name.to_owned(), id, path: path.clone(), why };
+        let digest = blocks::sha256_hex(&data);
+        match trust {
+            Trust::Committed(expected) => {
+                if digest != expected {
+                    return Err(untrusted(format!("its sha256 is {digest}, the commit record names {expected}")));
+                }
+            }
+            Trust::Signed => {
+                let tag_path = self.tag_path(name, id);
+                let tag = std::fs::read_to_string(&tag_path)
+                    .map_err(|e| untrusted(format!("no signature {}: {e}", tag_path.display())))?;
+                let key = Key::open(&self.root.join("key"))?;
+                if !key.verify(name, id, &digest, &tag) {
+                    return Err(untrusted(format!("its signature {} does not match", tag_path.display())));
+                }
+            }
+        }
+        let m = Manifest::from_bytes(&data).map_err(|source| StoreError::Manifest { path: path.clone(), source })?;
+        if m.name != name || m.id != id {
+            return Err(untrusted(format!("it describes checkpoint {} of VM {}", m.id, m.name)));
+        }
+        Ok(m)
     }
 
     /// sha256 of a manifest file: what a cluster commit record names.
@@ -287,13 +376,14 @@ impl Store {
     pub fn reserve_id(&self, name: &str, above: u64) -> Result<u64, StoreError> {
         let id = self.next_id(name)?.max(above + 1);
         let dir = self.vm_dir(name);
-        std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        private::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
         write_atomically(&dir.join("last-id"), id.to_string().as_bytes())?;
         Ok(id)
     }
 
-    /// Makes every block written so far durable, then writes the manifest atomically:
-    /// temp file, fsync, rename, fsync of the directory. The checkpoint exists from here.
+    /// Makes every block written so far durable, signs the manifest, then writes it
+    /// atomically: temp file, fsync, rename, fsync of the directory. The checkpoint exists
+    /// from here.
     pub fn commit(&self, manifest: &mut Manifest) -> Result<PathBuf, StoreError> {
         let root = File::open(&self.root).map_err(io("cannot open", &self.root))?;
         nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)).map_err(|e| StoreError::Io {
@@ -303,10 +393,14 @@ impl Store {
         })?;
         manifest.seal();
         let dir = self.vm_dir(&manifest.name);
-        std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        private::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        let bytes = manifest.to_bytes();
+        let key = Key::open_or_create(&self.root.join("key"))?;
+        let tag = key.tag(&manifest.name, manifest.id, &blocks::sha256_hex(&bytes));
+        write_atomically(&self.tag_path(&manifest.name, manifest.id), tag.as_bytes())?;
         let path = self.manifest_path(&manifest.name, manifest.id);
         let tmp = self.tmp().join(format!("manifest-{}-{}.json", manifest.name, manifest.id));
-        write_durably(&tmp, &manifest.to_bytes())?;
+        write_durably(&tmp, &bytes)?;
         std::fs::rename(&tmp, &path).map_err(io("cannot rename into place", &path))?;
         File::open(&dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", &dir))?;
         Ok(path)
@@ -315,12 +409,13 @@ impl Store {
     /// Removes checkpoint `id` of `name` (a checkpoint its cluster did not commit); its
     /// blocks go at the next gc.
     pub fn discard(&self, name: &str, id: u64) -> Result<(), StoreError> {
-        let path = self.manifest_path(name, id);
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(StoreError::Io { what: "cannot remove", path, source: e });
+        for path in [self.manifest_path(name, id), self.tag_path(name, id)] {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(StoreError::Io { what: "cannot remove", path, source: e });
+                }
+                _ => {}
             }
-            _ => {}
         }
         let dir = self.vm_dir(name);
         File::open(&dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", &dir))
@@ -338,7 +433,7 @@ impl Store {
     pub fn save_estimates(&self, est: &Estimates) {
         let tmp = self.tmp().join("estimates.json");
         if let Ok(d) = serde_json::to_vec(est)
-            && std::fs::write(&tmp, d).is_ok()
+            && private::create(&tmp).and_then(|mut f| f.write_all(&d)).is_ok()
         {
             let _ = std::fs::rename(&tmp, self.root.join("estimates.json"));
         }
@@ -427,6 +522,7 @@ impl Store {
         for &id in removed {
             let p = self.manifest_path(name, id);
             std::fs::remove_file(&p).map_err(io("cannot remove", &p))?;
+            let _ = std::fs::remove_file(self.tag_path(name, id));
         }
         File::open(&dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", &dir))?;
         let mut referenced = BTreeSet::new();
@@ -450,9 +546,12 @@ impl Store {
             report.blocks_removed += 1;
             report.bytes_freed += size;
         }
+        // Every writer of work files (checkpoints, restores) holds the store shared: with it
+        // held exclusively, what is left in tmp/ belongs to no one.
         if let Ok(entries) = std::fs::read_dir(self.tmp()) {
             for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
+                let p = e.path();
+                let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
             }
         }
         Ok(report)
@@ -470,11 +569,20 @@ pub fn write_atomically(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", dir))
 }
 
-/// Writes `data` to `path` and fsyncs it.
+/// Writes `data` to `path` (0600) and fsyncs it.
 pub fn write_durably(path: &Path, data: &[u8]) -> Result<(), StoreError> {
-    let mut f = File::create(path).map_err(io("cannot create", path))?;
+    let mut f = private::create(path).map_err(io("cannot create", path))?;
     f.write_all(data).map_err(io("cannot write", path))?;
     f.sync_all().map_err(io("cannot sync", path))
+}
+
+/// Refuses a store root that group or others can write.
+fn check_root(root: &Path) -> Result<(), StoreError> {
+    match private::writable_by_others(root) {
+        Ok(None) => Ok(()),
+        Ok(Some(mode)) => Err(StoreError::Exposed { path: root.to_owned(), mode }),
+        Err(source) => Err(StoreError::Io { what: "cannot inspect", path: root.to_owned(), source }),
+    }
 }
 
 /// sha256 of a whole file.
@@ -535,6 +643,58 @@ mod tests {
         let m3 = store.manifest("vm", 3).expect("m3");
         for h in m3.blocks() {
             store.blocks().get(h).expect("kept blocks intact");
+        }
+    }
+
+    #[test]
+    fn restore_trusts_only_a_signed_or_committed_manifest() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&d.path().join("s")).expect("open");
+        let mut m = manifest::tests::sample(store.next_id("vm").expect("id"));
+        store.commit(&mut m).expect("commit");
+        let digest = store.manifest_digest("vm", m.id).expect("digest");
+        assert_eq!(store.trusted_manifest("vm", m.id, Trust::Signed).expect("signed"), m);
+        assert_eq!(store.trusted_manifest("vm", m.id, Trust::Committed(&digest)).expect("committed"), m);
+        let path = store.manifest_path("vm", m.id);
+        let genuine = std::fs::read(&path).expect("read");
+
+        // A forged manifest with a valid checksum of its own.
+        let mut forged = m.clone();
+        forged.argv = vec!["/bin/sh".into(), "-c".into(), "id".into()];
+        forged.seal();
+        std::fs::write(&path, forged.to_bytes()).expect("forge");
+        assert!(store.manifest("vm", m.id).is_ok(), "its checksum alone passes");
+        for trust in [Trust::Signed, Trust::Committed(&digest)] {
+            let err = store.trusted_manifest("vm", m.id, trust).expect_err("forged");
+            assert!(matches!(err, StoreError::Untrusted { .. }), "{err}");
+        }
+
+        // A genuine manifest and tag moved to another id, or another VM, are refused.
+        std::fs::write(&path, &genuine).expect("restore");
+        let vm2 = store.vm_dir("vm2");
+        private::create_dir_all(&vm2).expect("mkdir");
+        std::fs::copy(&path, store.manifest_path("vm2", m.id)).expect("copy");
+        std::fs::copy(store.tag_path("vm", m.id), store.tag_path("vm2", m.id)).expect("copy");
+        std::fs::copy(&path, store.manifest_path("vm", m.id + 1)).expect("copy");
+        std::fs::copy(store.tag_path("vm", m.id), store.tag_path("vm", m.id + 1)).expect("copy");
+        assert!(store.trusted_manifest("vm2", m.id, Trust::Signed).is_err());
+        assert!(store.trusted_manifest("vm", m.id + 1, Trust::Signed).is_err());
+
+        // Discarding takes the tag with the manifest.
+        store.discard("vm", m.id).expect("discard");
+        assert!(!store.tag_path("vm", m.id).exists());
+    }
+
+    #[test]
+    fn a_store_others_can_write_is_refused_by_name() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().expect("tempdir");
+        let root = d.path().join("s");
+        Store::open(&root).expect("open");
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o757)).expect("chmod");
+        for err in [Store::open(&root).expect_err("exposed"), Store::open_existing(&root).expect_err("exposed")] {
+            assert!(matches!(err, StoreError::Exposed { .. }), "{err}");
+            assert!(err.to_string().contains(&root.display().to_string()), "{err}");
         }
     }
 
