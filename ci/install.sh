@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what cutline needs on a Debian bookworm machine, idempotently:
-# QEMU >= 10 (bookworm-backports), the guest kernel (linux-image-cloud-amd64),
+# QEMU >= 10 (bookworm-backports) with qemu-utils (qemu-img, qemu-io, qemu-nbd), the guest kernel (linux-image-cloud-amd64),
 # busybox-static, iproute2, zstd, and cargo-nextest if missing.
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
@@ -22,6 +22,8 @@ have_kernel() { ls /boot/vmlinuz-*cloud-amd64 >/dev/null 2>&1; }
 
 missing=()
 [ "$(qemu_major)" -ge 10 ] || missing+=(qemu)
+# Restore writes images through qemu-nbd (qemu-utils, with qemu-img and qemu-io).
+command -v qemu-nbd >/dev/null 2>&1 && command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
 have_kernel || missing+=(kernel)
 [ -x /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q static || dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
