@@ -267,7 +267,7 @@ pub fn write_image(disk: &Disk, blocks: &Blocks, path: &Path) -> Result<(), Disk
     run("qemu-img", path, &mut create)?;
     if !ranges.is_empty() {
         let nbd = |source| DiskError::Nbd { path: path.to_owned(), source };
-        let server = nbd::Server::start(path, &disk.format).map_err(nbd)?;
+        let mut server = nbd::Server::start(path, &disk.format).map_err(nbd)?;
         let mut client = server.connect().map_err(nbd)?;
         let mut pending = Pending::default();
         for (start, len, hash) in ranges {

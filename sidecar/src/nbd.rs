@@ -134,9 +134,30 @@ impl Server {
         s.trim().to_owned()
     }
 
-    /// Connects a client.
-    pub fn connect(&self) -> Result<Client, NbdError> {
-        Client::connect(&self.socket)
+    /// Connects its one client. The socket file appears when qemu-nbd binds it, a moment
+    /// before it listens: a refused connection is retried while qemu-nbd runs, up to 30 s.
+    /// (A probe connection would be that one client.)
+    pub fn connect(&mut self) -> Result<Client, NbdError> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match UnixStream::connect(&self.socket) {
+                Ok(stream) => return Client::handshake(stream, &self.socket),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && Instant::now() < deadline => {
+                    if let Some(c) = self.child.as_mut()
+                        && let Ok(Some(status)) = c.try_wait()
+                    {
+                        let err = self.stderr();
+                        self.child = None;
+                        return Err(NbdError::Server {
+                            image: self.image.clone(),
+                            why: format!("exited with {status}: {err}"),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(source) => return Err(NbdError::Io { socket: self.socket.clone(), source }),
+            }
+        }
     }
 
     /// Waits for qemu-nbd to exit after its client disconnected; an error if it failed.
@@ -198,14 +219,8 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to `socket` and negotiates the default export with `NBD_OPT_GO`.
-    pub fn connect(socket: &Path) -> Result<Client, NbdError> {
-        let stream =
-            UnixStream::connect(socket).map_err(|source| NbdError::Io { socket: socket.to_owned(), source })?;
-        Client::handshake(stream, socket)
-    }
-
-    /// The fixed newstyle handshake over `stream`.
+    /// The fixed newstyle handshake over `stream`, negotiating the default export with
+    /// `NBD_OPT_GO`.
     pub fn handshake(stream: UnixStream, socket: &Path) -> Result<Client, NbdError> {
         let mut c = Client { stream, socket: socket.to_owned(), size: 0, flags: 0, cookie: 0 };
         if c.u64()? != NBDMAGIC || c.u64()? != IHAVEOPT {
@@ -380,7 +395,7 @@ mod tests {
             .output()
             .expect("qemu-img");
         assert!(out.status.success());
-        let server = Server::start(&img, "qcow2").expect("start");
+        let mut server = Server::start(&img, "qcow2").expect("start");
         let dir = server.dir.clone();
         assert_eq!(std::fs::metadata(&dir).expect("stat").permissions().mode() & 0o777, 0o700);
         let mut c = server.connect().expect("connect");
