@@ -127,7 +127,7 @@ impl ClientArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// Nothing accepts connections there.
-    #[error("cannot connect to {addr}")]
+    #[error("cannot connect to {addr} (is `cutline serve` running there?)")]
     Connect {
         /// The address.
         addr: String,
