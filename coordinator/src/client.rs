@@ -19,8 +19,19 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    /// No answer came (over TCP, also what a refused client certificate looks like:
-    /// the coordinator's alert arrives after the client's side of the handshake).
+    /// The coordinator ended the TLS session with an alert: it refused this client's
+    /// certificate (the alert arrives after the client's side of the handshake).
+    #[error(
+        "the coordinator at {addr} refused this client's TLS certificate (is --tls-cert signed by the coordinator's --tls-client-ca, for client authentication?)"
+    )]
+    CertificateRefused {
+        /// The address.
+        addr: String,
+        /// Cause (the alert).
+        #[source]
+        source: proto::FrameError,
+    },
+    /// No answer came.
     #[error("no answer from the coordinator at {addr}")]
     Receive {
         /// The address.
@@ -44,7 +55,12 @@ pub async fn ask(dialer: &Dialer, request: Request) -> Result<Value, ClientError
     let token = dialer.token().map(|t| t.expose().to_owned());
     let env = Envelope::plain(Msg::Ask { cluster: "default".into(), token, request });
     proto::write(&mut w, &env).await.map_err(|source| ClientError::Send { addr: dialer.addr(), source })?;
-    let answer = proto::read(r).await.map_err(|source| ClientError::Receive { addr: dialer.addr(), source })?;
+    let answer = proto::read(r).await.map_err(|source| match &source {
+        proto::FrameError::Io(e) if sidecar::transport::dial::is_alert(e) => {
+            ClientError::CertificateRefused { addr: dialer.addr(), source }
+        }
+        _ => ClientError::Receive { addr: dialer.addr(), source },
+    })?;
     match answer.msg {
         Msg::Answer { result: Ok(v) } => Ok(v),
         Msg::Answer { result: Err(e) } | Msg::Error { what: e } => Err(ClientError::Refused(e)),

@@ -61,6 +61,10 @@ enum SessionError {
     Connect(#[from] crate::transport::ConnectError),
     #[error("connection to the coordinator: {0}")]
     Frame(#[from] crate::proto::FrameError),
+    #[error(
+        "the coordinator refused this sidecar's TLS certificate (is --tls-cert signed by the coordinator's --tls-client-ca, for client authentication?)"
+    )]
+    CertificateRefused(#[source] crate::proto::FrameError),
     #[error("the coordinator refused: {0}")]
     Refused(String),
     #[error("expected welcome, got {0}")]
@@ -256,7 +260,12 @@ impl Agent {
             token: self.cfg.coordinator.token().map(|t| t.expose().to_owned()),
         };
         let _ = tx.send(Envelope { inc: 0, vt: self.clock.clone(), msg: register });
-        let welcome = reader.next().await?;
+        let welcome = reader.next().await.map_err(|e| match e {
+            crate::proto::FrameError::Io(io) if crate::transport::dial::is_alert(&io) => {
+                SessionError::CertificateRefused(crate::proto::FrameError::Io(io))
+            }
+            e => SessionError::Frame(e),
+        })?;
         self.clock.merge(&welcome.vt);
         let (inc, heartbeat) = match welcome.msg {
             Msg::Welcome { version, .. } if version != PROTOCOL => {

@@ -166,6 +166,16 @@ pub enum ConnectError {
     },
 }
 
+/// Whether `e` (a read on a TLS connection) is a fatal alert from the coordinator. In
+/// TLS 1.3 the client's side of the handshake is done before the coordinator checks the
+/// client's certificate, so a refused certificate shows as such an alert on the first
+/// read.
+pub fn is_alert(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| matches!(e, rustls::Error::AlertReceived(_)))
+}
+
 /// Opens connections to the coordinator, the same way for the sidecar and the CLI.
 #[derive(Debug, Clone)]
 pub enum Dialer {
