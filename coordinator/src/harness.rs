@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use cutline_tests::{Guest, GuestSpec, L2Switch, TestEnv};
 use serde_json::Value;
 use sidecar::proto::Request;
+use sidecar::transport::Dialer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -126,8 +127,7 @@ impl LocalCluster {
     /// Starts (or restarts) the sidecar of guest `i`.
     pub fn start_agent(&mut self, i: usize) {
         let cfg = sidecar::agent::Config {
-            coordinator: sidecar::agent::Endpoint::Unix(self.config.socket.clone()),
-            token: None,
+            coordinator: self.dialer(),
             cluster: "default".into(),
             name: self.guests[i].name.clone(),
             qmp: self.guests[i].qmp_path.clone(),
@@ -148,9 +148,14 @@ impl LocalCluster {
         }
     }
 
+    /// Reaches the coordinator (its unix socket).
+    pub fn dialer(&self) -> Dialer {
+        Dialer::Unix(self.config.socket.clone())
+    }
+
     /// Asks the coordinator.
     pub async fn ask(&self, r: Request) -> Result<Value, client::ClientError> {
-        client::ask(&self.socket, None, r).await
+        client::ask(&self.dialer(), r).await
     }
 
     /// Polls the coordinator's status until `pred` holds.

@@ -12,3 +12,4 @@ pub mod phase;
 pub mod record;
 pub mod server;
 pub mod state;
+pub mod tls;

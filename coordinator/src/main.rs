@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use coordinator::server::{self, OutputCommit, Rollback};
+use coordinator::tls::ServerFiles;
 use coordinator::{client, demo};
 use serde_json::Value;
 use sidecar::proto::Request;
+use sidecar::transport::{ClientArgs, Endpoint, Token};
 
 /// Globally consistent checkpoints of a cluster of QEMU VMs, and rollback on failure.
 #[derive(Parser)]
@@ -20,12 +22,13 @@ struct Cli {
     /// State directory of the coordinator (records and its default socket).
     #[arg(long, global = true, default_value = "/var/lib/cutline", env = "CUTLINE_STATE")]
     state: PathBuf,
-    /// The coordinator's address: a unix socket (default STATE/cutline.sock) or tcp:HOST:PORT.
+    /// The coordinator's address: a unix socket (default STATE/cutline.sock) or
+    /// tcp:HOST:PORT (TLS and the token: --tls-ca, --tls-cert, --tls-key, --token-file or
+    /// CUTLINE_TOKEN).
     #[arg(long, global = true, env = "CUTLINE_COORDINATOR")]
     coordinator: Option<String>,
-    /// Pre-shared token for TCP.
-    #[arg(long, global = true, env = "CUTLINE_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    #[command(flatten)]
+    transport: ClientArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -34,9 +37,20 @@ struct Cli {
 enum Cmd {
     /// Run the coordinator.
     Serve {
-        /// Also listen on TCP (needs --token).
-        #[arg(long)]
+        /// Also listen on TCP, HOST:PORT: always TLS 1.3 with client certificates, and the
+        /// token (needs --tls-cert, --tls-key, --tls-client-ca, and --token-file or
+        /// CUTLINE_TOKEN).
+        #[arg(long, value_name = "HOST:PORT")]
         listen: Option<String>,
+        /// The CA certificate (PEM) that must have signed every TCP client's certificate.
+        #[arg(long, env = "CUTLINE_TLS_CLIENT_CA", value_name = "PEM")]
+        tls_client_ca: Option<PathBuf>,
+        /// A peer's TLS handshake and first message must be done within this of its connect.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        first_message_timeout: Duration,
+        /// Connections served at once (TLS handshakes under way included); more are refused.
+        #[arg(long, default_value_t = 256)]
+        max_connections: usize,
         /// Take a checkpoint every this long (e.g. 2s, 500ms).
         #[arg(long, value_parser = humantime::parse_duration)]
         interval: Option<Duration>,
@@ -123,8 +137,12 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     let addr = cli.coordinator.clone().unwrap_or_else(|| cli.state.join("cutline.sock").display().to_string());
-    let token = cli.token.as_deref();
-    let ask = |r: Request| client::ask(&addr, token, r);
+    let endpoint: Endpoint = addr.parse()?;
+    // The TLS material and the token are read only by the commands that ask.
+    let ask = |r: Request| {
+        let dialer = cli.transport.dialer(&endpoint);
+        async move { anyhow::Ok(client::ask(&dialer?, r).await?) }
+    };
     let out = |v: &Value, text: String| {
         if cli.json {
             println!("{v}");
@@ -135,6 +153,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.cmd {
         Cmd::Serve {
             listen,
+            tls_client_ca,
+            first_message_timeout,
+            max_connections,
             interval,
             keep,
             rollback,
@@ -149,8 +170,15 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             if let Some(a) = cli.coordinator.as_deref().filter(|a| !a.starts_with("tcp:")) {
                 cfg.socket = PathBuf::from(a);
             }
-            cfg.listen = listen;
-            cfg.token = cli.token.clone();
+            if let Some(addr) = listen {
+                let t = &cli.transport;
+                let tls =
+                    ServerFiles::from_flags(t.tls_cert.as_deref(), t.tls_key.as_deref(), tls_client_ca.as_deref())?;
+                let token = Token::load(t.token_file.as_deref())?;
+                cfg.tcp = Some(server::Tcp { addr, tls, token });
+            }
+            cfg.first_message_timeout = first_message_timeout;
+            cfg.max_connections = max_connections.max(1);
             cfg.interval = interval;
             cfg.keep = keep.max(1);
             cfg.rollback = rollback;

@@ -1,17 +1,23 @@
 //! The coordinator daemon: it locks its state directory, raises its incarnation, and
-//! serves members and the CLI over a unix socket (and optionally TCP); one actor
-//! ([`crate::actor`]) runs the epochs, failure detection and recovery.
+//! serves members and the CLI over a unix socket (mode 0600, plaintext, no token) and
+//! optionally TCP (always TLS with client certificates, and the pre-shared token); one
+//! actor ([`crate::actor`]) runs the epochs, failure detection and recovery.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sidecar::proto::{self, Envelope, FrameReader, Msg};
+use sidecar::transport::{TlsError, Token};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 
 use crate::actor::{Actor, Input};
 use crate::record::Catalog;
 use crate::state::StateDir;
+use crate::tls::ServerFiles;
 
 pub use crate::phase::OutputCommit;
 
@@ -31,10 +37,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Unix socket (mode 0600).
     pub socket: PathBuf,
-    /// Optional TCP listener, with `token`.
-    pub listen: Option<String>,
-    /// Pre-shared token for TCP.
-    pub token: Option<String>,
+    /// Optional TCP listener: TLS and the token.
+    pub tcp: Option<Tcp>,
     /// Heartbeat period members are told to use.
     pub heartbeat: Duration,
     /// Heartbeats missing for this long fail a member.
@@ -57,7 +61,8 @@ pub struct Config {
     pub verify_timeout: Duration,
     /// Connections served at once; more are refused.
     pub max_connections: usize,
-    /// A peer's first message (and token) must arrive within this.
+    /// A peer's TLS handshake (TCP) and first message (with the token) must be done
+    /// within this of its connect; else it is dropped.
     pub first_message_timeout: Duration,
 }
 
@@ -67,8 +72,7 @@ impl Config {
         Config {
             state_dir: state_dir.to_owned(),
             socket: state_dir.join("cutline.sock"),
-            listen: None,
-            token: None,
+            tcp: None,
             heartbeat: Duration::from_secs(1),
             failure_timeout: Duration::from_secs(3),
             interval: None,
@@ -83,6 +87,17 @@ impl Config {
             first_message_timeout: Duration::from_secs(5),
         }
     }
+}
+
+/// The TCP listener: there is no plaintext TCP, and every peer must also send the token.
+#[derive(Debug, Clone)]
+pub struct Tcp {
+    /// `HOST:PORT` to listen on (port 0: any; the log says which).
+    pub addr: String,
+    /// The coordinator's certificate and the client CA.
+    pub tls: ServerFiles,
+    /// The pre-shared token every `register` and `ask` must carry.
+    pub token: Token,
 }
 
 /// Errors that stop the coordinator.
@@ -103,11 +118,16 @@ pub enum ServerError {
     /// The state directory is unusable or held by another coordinator.
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    /// The TLS material of the TCP listener is unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Runs the coordinator for cluster `default` until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), ServerError> {
     let cluster = "default".to_owned();
+    // Bad TLS material stops the start before anything else is touched.
+    let acceptor = cfg.tcp.as_ref().map(|t| t.tls.acceptor()).transpose()?;
     let dir = StateDir::lock(&cfg.state_dir.join(&cluster))?;
     let catalog = Catalog::open(&cfg.state_dir.join(&cluster))?;
     catalog.prune(cfg.keep.max(1));
@@ -116,7 +136,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     durable.next_epoch = durable.next_epoch.max(catalog.epochs().last().map_or(1, |e| e + 1));
     dir.save(&durable)?;
     let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Input>();
-    let listeners = listen(&cfg, in_tx.clone()).await?;
+    let listeners = listen(&cfg, acceptor, in_tx.clone()).await?;
     tracing::info!(socket = %cfg.socket.display(), incarnation = durable.incarnation, next_epoch = durable.next_epoch,
         members = durable.members.len(), "coordinator running");
     let socket = cfg.socket.clone();
@@ -143,6 +163,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
 /// Binds the unix socket (0600) and the optional TCP listener; spawns their accept loops.
 async fn listen(
     cfg: &Config,
+    acceptor: Option<TlsAcceptor>,
     in_tx: mpsc::UnboundedSender<Input>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, ServerError> {
     let mut tasks = Vec::new();
@@ -150,7 +171,7 @@ async fn listen(
     if let Some(dir) = cfg.socket.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    let unix = tokio::net::UnixListener::bind(&cfg.socket)
+    let unix = UnixListener::bind(&cfg.socket)
         .map_err(|source| ServerError::Listen { addr: cfg.socket.display().to_string(), source })?;
     std::fs::set_permissions(&cfg.socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .map_err(|source| ServerError::Listen { addr: cfg.socket.display().to_string(), source })?;
@@ -160,108 +181,193 @@ async fn listen(
     {
         let (in_tx, ids, slots) = (in_tx.clone(), ids.clone(), slots.clone());
         tasks.push(tokio::spawn(async move {
-            while let Ok((s, _)) = unix.accept().await {
-                let (r, w) = s.into_split();
-                let id = ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let peer = Peer { id, token: None, local: true, first_message_timeout: first };
-                serve(peer, Box::new(r), Box::new(w), &slots, &in_tx);
+            loop {
+                match unix.accept().await {
+                    Ok((s, _)) => {
+                        let id = ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let peer = Peer { id, addr: None, token: None, local: true, first_message_timeout: first };
+                        serve(peer, Incoming::Unix(s), &slots, &in_tx);
+                    }
+                    Err(e) => accept_failed("unix", e).await,
+                }
             }
         }));
     }
-    if let Some(addr) = &cfg.listen {
-        let token = cfg.token.clone().ok_or_else(|| ServerError::Listen {
-            addr: addr.clone(),
-            source: std::io::Error::other("TCP needs a pre-shared token (--token or CUTLINE_TOKEN)"),
-        })?;
-        let tcp = tokio::net::TcpListener::bind(addr)
+    if let (Some(tcp), Some(acceptor)) = (&cfg.tcp, acceptor) {
+        let listener = TcpListener::bind(&tcp.addr)
             .await
-            .map_err(|source| ServerError::Listen { addr: addr.clone(), source })?;
+            .map_err(|source| ServerError::Listen { addr: tcp.addr.clone(), source })?;
+        let bound = listener.local_addr().map_or_else(|_| tcp.addr.clone(), |a| a.to_string());
+        tracing::info!(addr = %bound, "listening on TCP (TLS 1.3, client certificates required)");
+        let token = tcp.token.clone();
         tasks.push(tokio::spawn(async move {
-            while let Ok((s, _)) = tcp.accept().await {
-                let (r, w) = s.into_split();
-                let id = ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let peer = Peer { id, token: Some(token.clone()), local: false, first_message_timeout: first };
-                serve(peer, Box::new(r), Box::new(w), &slots, &in_tx);
+            loop {
+                match listener.accept().await {
+                    Ok((s, from)) => {
+                        let id = ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let peer = Peer {
+                            id,
+                            addr: Some(from.to_string()),
+                            token: Some(token.clone()),
+                            local: false,
+                            first_message_timeout: first,
+                        };
+                        serve(peer, Incoming::Tcp(s, acceptor.clone()), &slots, &in_tx);
+                    }
+                    Err(e) => accept_failed("TCP", e).await,
+                }
             }
         }));
     }
     Ok(tasks)
 }
 
+/// A failed accept (e.g. out of file descriptors) is logged and retried after a pause:
+/// it must not end the listener.
+async fn accept_failed(what: &str, e: std::io::Error) {
+    tracing::warn!("accepting a {what} connection failed: {e}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
 type Reader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
 type Writer = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+
+/// Longest the last message to a peer (an error, an answer) and the close may take.
+const LAST_WORD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Who is on a connection.
 struct Peer {
     id: u64,
-    token: Option<String>,
+    /// The remote address (TCP).
+    addr: Option<String>,
+    token: Option<Token>,
     local: bool,
     first_message_timeout: Duration,
 }
 
-/// Serves a connection when a slot is free; refuses it otherwise.
-fn serve(peer: Peer, r: Reader, mut w: Writer, slots: &Arc<Semaphore>, in_tx: &mpsc::UnboundedSender<Input>) {
+/// A connection as accepted, before its handshake.
+enum Incoming {
+    Unix(UnixStream),
+    Tcp(TcpStream, TlsAcceptor),
+}
+
+/// Serves a connection when a slot is free; refuses it otherwise. A slot is taken
+/// before the TLS handshake, so half-open handshakes count against the cap.
+fn serve(peer: Peer, incoming: Incoming, slots: &Arc<Semaphore>, in_tx: &mpsc::UnboundedSender<Input>) {
     match slots.clone().try_acquire_owned() {
         Ok(permit) => {
             let in_tx = in_tx.clone();
             tokio::spawn(async move {
-                connection(peer, r, w, in_tx).await;
+                // The handshake and the first message share one deadline.
+                let deadline = Instant::now() + peer.first_message_timeout;
+                if let Some((r, w)) = open(&peer, incoming, deadline).await {
+                    connection(peer, r, w, deadline, in_tx).await;
+                }
                 drop(permit);
             });
         }
         Err(_) => {
-            tracing::warn!(conn = peer.id, "too many connections: refused");
-            tokio::spawn(async move {
-                let what = "too many connections to the coordinator".to_owned();
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    proto::write(&mut w, &Envelope::plain(Msg::Error { what })),
-                )
-                .await;
-            });
+            tracing::warn!(conn = peer.id, addr = peer.addr.as_deref(), "too many connections: refused");
+            match incoming {
+                Incoming::Unix(s) => {
+                    tokio::spawn(async move {
+                        let what = "too many connections to the coordinator".to_owned();
+                        let (_r, w) = s.into_split();
+                        last_word(Box::new(w), &Envelope::plain(Msg::Error { what })).await;
+                    });
+                }
+                // Closed at once: a TLS handshake to say so would cost what the cap bounds.
+                Incoming::Tcp(s, _) => drop(s),
+            }
         }
     }
 }
 
+/// The connection's streams: a unix socket as it is; TCP after a TLS handshake that
+/// verified the client's certificate, done by `deadline`.
+async fn open(peer: &Peer, incoming: Incoming, deadline: Instant) -> Option<(Reader, Writer)> {
+    match incoming {
+        Incoming::Unix(s) => {
+            let (r, w) = s.into_split();
+            Some((Box::new(r), Box::new(w)))
+        }
+        Incoming::Tcp(s, acceptor) => {
+            let _ = s.set_nodelay(true);
+            let addr = peer.addr.as_deref();
+            match tokio::time::timeout_at(deadline, acceptor.accept(s)).await {
+                Ok(Ok(tls)) => {
+                    let (r, w) = tokio::io::split(tls);
+                    Some((Box::new(r), Box::new(w)))
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(conn = peer.id, addr, "TLS handshake failed: {e}");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        conn = peer.id,
+                        addr,
+                        "no TLS handshake within {:?}: closed",
+                        peer.first_message_timeout
+                    );
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// Sends `env` and closes (over TLS: with a close_notify), within [`LAST_WORD_TIMEOUT`].
+async fn last_word(mut w: Writer, env: &Envelope) {
+    let _ = tokio::time::timeout(LAST_WORD_TIMEOUT, async {
+        let _ = proto::write(&mut w, env).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+    })
+    .await;
+}
+
 /// One peer: a sidecar (first message `register`) or the CLI (`ask`).
-async fn connection(peer: Peer, r: Reader, mut w: Writer, in_tx: mpsc::UnboundedSender<Input>) {
-    let id = peer.id;
+async fn connection(peer: Peer, r: Reader, w: Writer, deadline: Instant, in_tx: mpsc::UnboundedSender<Input>) {
+    let (id, addr) = (peer.id, peer.addr.as_deref());
     let mut r = FrameReader::new(r);
     let reply = |what: String| Envelope::plain(Msg::Error { what });
-    let first = match tokio::time::timeout(peer.first_message_timeout, r.next()).await {
+    let first = match tokio::time::timeout_at(deadline, r.next()).await {
         Ok(Ok(env)) => env,
         Ok(Err(proto::FrameError::Closed | proto::FrameError::Io(_))) => return,
         Ok(Err(e)) => {
-            tracing::warn!(conn = id, "bad first message: {e}");
-            let _ = proto::write(&mut w, &reply(e.to_string())).await;
+            tracing::warn!(conn = id, addr, "bad first message: {e}");
+            last_word(w, &reply(e.to_string())).await;
             return;
         }
         Err(_) => {
-            tracing::warn!(conn = id, "no first message within {:?}: closed", peer.first_message_timeout);
-            let _ = proto::write(&mut w, &reply("no message in time".into())).await;
+            tracing::warn!(conn = id, addr, "no first message within {:?}: closed", peer.first_message_timeout);
+            last_word(w, &reply("no message in time".into())).await;
             return;
         }
     };
     let authorized = |given: &Option<String>| match &peer.token {
         None => true,
-        Some(t) => given.as_deref().is_some_and(|g| proto::same_token(g, t)),
+        Some(t) => given.as_deref().is_some_and(|g| t.matches(g)),
     };
     match &first.msg {
         Msg::Ask { token: given, request, .. } => {
             if !authorized(given) {
-                let _ = proto::write(&mut w, &reply("bad token".into())).await;
+                tracing::warn!(conn = id, addr, "ask with a bad token refused");
+                last_word(w, &reply("bad token".into())).await;
                 return;
             }
             let (tx, rx) = oneshot::channel();
             let _ = in_tx.send(Input::Ask { request: request.clone(), reply: tx });
             let result = rx.await.unwrap_or_else(|_| Err("coordinator stopped".into()));
-            let _ = proto::write(&mut w, &Envelope::plain(Msg::Answer { result })).await;
+            last_word(w, &Envelope::plain(Msg::Answer { result })).await;
         }
         Msg::Register { token: given, .. } => {
             if !authorized(given) {
-                let _ = proto::write(&mut w, &reply("bad token".into())).await;
+                tracing::warn!(conn = id, addr, "registration with a bad token refused");
+                last_word(w, &reply("bad token".into())).await;
                 return;
             }
+            let mut w = w;
             let (tx, mut rx) = mpsc::unbounded_channel::<Envelope>();
             let _ = in_tx.send(Input::Register { conn: id, tx, local: peer.local, env: first });
             // The writer ends when the actor drops this member's sender (a refusal, a
@@ -282,7 +388,7 @@ async fn connection(peer: Peer, r: Reader, mut w: Writer, in_tx: mpsc::Unbounded
                             let _ = in_tx.send(Input::Msg { conn: id, env });
                         }
                         Err(proto::FrameError::Closed | proto::FrameError::Io(_)) => break,
-                        Err(e) => tracing::warn!(conn = id, "malformed message ignored: {e}"),
+                        Err(e) => tracing::warn!(conn = id, addr, "malformed message ignored: {e}"),
                     }
                 }
             }
@@ -290,8 +396,8 @@ async fn connection(peer: Peer, r: Reader, mut w: Writer, in_tx: mpsc::Unbounded
             let _ = in_tx.send(Input::Closed { conn: id });
         }
         other => {
-            tracing::warn!(conn = id, "first message was {}, expected register or ask", other.kind());
-            let _ = proto::write(&mut w, &reply(format!("unexpected {}", other.kind()))).await;
+            tracing::warn!(conn = id, addr, "first message was {}, expected register or ask", other.kind());
+            last_word(w, &reply(format!("unexpected {}", other.kind()))).await;
         }
     }
 }

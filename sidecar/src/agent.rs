@@ -17,35 +17,15 @@ use crate::checkpoint::{Durable, Pending, Prepared};
 use crate::proto::{Envelope, FrameReader, Msg, PROTOCOL, VectorClock};
 use crate::slot::{Slot, SlotEvent, Tag};
 use crate::store::{Lock, Store, error_chain};
+use crate::transport::{Dialer, Reader, Writer};
 use crate::vm::{VmEvent, VmState};
 use crate::{attach, failpoint, leftovers, restore};
-
-/// Where the coordinator listens.
-#[derive(Debug, Clone)]
-pub enum Endpoint {
-    /// A unix socket.
-    Unix(PathBuf),
-    /// `HOST:PORT`, with the pre-shared token.
-    Tcp(String),
-}
-
-impl std::str::FromStr for Endpoint {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Endpoint, String> {
-        match s.strip_prefix("tcp:") {
-            Some(addr) => Ok(Endpoint::Tcp(addr.to_owned())),
-            None => Ok(Endpoint::Unix(PathBuf::from(s.strip_prefix("unix:").unwrap_or(s)))),
-        }
-    }
-}
 
 /// How a sidecar agent runs.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The coordinator.
-    pub coordinator: Endpoint,
-    /// Pre-shared token (TCP).
-    pub token: Option<String>,
+    /// How to reach the coordinator (over TCP: TLS and the token).
+    pub coordinator: Dialer,
     /// Cluster name.
     pub cluster: String,
     /// VM name.
@@ -77,14 +57,14 @@ pub enum AgentError {
 /// Errors that end one session with the coordinator (the agent reconnects).
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
-    #[error("cannot connect to {addr}")]
-    Connect {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Connect(#[from] crate::transport::ConnectError),
     #[error("connection to the coordinator: {0}")]
     Frame(#[from] crate::proto::FrameError),
+    #[error(
+        "the coordinator refused this sidecar's TLS certificate (is --tls-cert signed by the coordinator's --tls-client-ca, for client authentication?)"
+    )]
+    CertificateRefused(#[source] crate::proto::FrameError),
     #[error("the coordinator refused: {0}")]
     Refused(String),
     #[error("expected welcome, got {0}")]
@@ -253,30 +233,9 @@ impl Agent {
         }
     }
 
-    async fn connect(
-        &self,
-    ) -> Result<
-        (FrameReader<Box<dyn tokio::io::AsyncRead + Send + Unpin>>, Box<dyn tokio::io::AsyncWrite + Send + Unpin>),
-        SessionError,
-    > {
-        type R = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
-        type W = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
-        let (r, w): (R, W) = match &self.cfg.coordinator {
-            Endpoint::Unix(p) => {
-                let s = tokio::net::UnixStream::connect(p)
-                    .await
-                    .map_err(|source| SessionError::Connect { addr: p.display().to_string(), source })?;
-                let (r, w) = s.into_split();
-                (Box::new(r), Box::new(w))
-            }
-            Endpoint::Tcp(a) => {
-                let s = tokio::net::TcpStream::connect(a)
-                    .await
-                    .map_err(|source| SessionError::Connect { addr: a.clone(), source })?;
-                let (r, w) = s.into_split();
-                (Box::new(r), Box::new(w))
-            }
-        };
+    /// Connects to the coordinator.
+    async fn connect(&self) -> Result<(FrameReader<Reader>, Writer), SessionError> {
+        let (r, w) = self.cfg.coordinator.connect().await?;
         Ok((FrameReader::new(r), w))
     }
 
@@ -301,10 +260,15 @@ impl Agent {
             pid,
             pid_start: self.pid_start,
             checkpoints: self.store.ids(&self.cfg.name).unwrap_or_default(),
-            token: self.cfg.token.clone(),
+            token: self.cfg.coordinator.token().map(|t| t.expose().to_owned()),
         };
         let _ = tx.send(Envelope { inc: 0, vt: self.clock.clone(), msg: register });
-        let welcome = reader.next().await?;
+        let welcome = reader.next().await.map_err(|e| match e {
+            crate::proto::FrameError::Io(io) if crate::transport::dial::is_alert(&io) => {
+                SessionError::CertificateRefused(crate::proto::FrameError::Io(io))
+            }
+            e => SessionError::Frame(e),
+        })?;
         self.clock.merge(&welcome.vt);
         let (inc, heartbeat) = match welcome.msg {
             Msg::Welcome { version, .. } if version != PROTOCOL => {

@@ -12,6 +12,7 @@ pub mod memory;
 pub mod nbd;
 pub mod process;
 pub use cutline_proto as proto;
+pub use cutline_transport as transport;
 pub mod restore;
 pub mod slot;
 pub mod store;

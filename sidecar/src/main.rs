@@ -26,12 +26,12 @@ enum Cmd {
     /// Run as a cluster member: attach to the VM, register with the coordinator, carry out
     /// its checkpoint and recovery steps, until SIGINT/SIGTERM.
     Serve {
-        /// The coordinator: a unix socket path, or tcp:HOST:PORT.
+        /// The coordinator: a unix socket path, or tcp:HOST:PORT (TLS and the token:
+        /// --tls-ca, --tls-cert, --tls-key, --token-file or CUTLINE_TOKEN).
         #[arg(long)]
-        coordinator: sidecar::agent::Endpoint,
-        /// Pre-shared token for a TCP coordinator (or CUTLINE_TOKEN).
-        #[arg(long, env = "CUTLINE_TOKEN", hide_env_values = true)]
-        token: Option<String>,
+        coordinator: sidecar::transport::Endpoint,
+        #[command(flatten)]
+        transport: sidecar::transport::ClientArgs,
         /// Cluster name.
         #[arg(long, default_value = "default")]
         cluster: String,
@@ -180,11 +180,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         tracing::debug!("{msg}");
     };
     match cli.cmd {
-        Cmd::Serve { coordinator, token, cluster, name: n, qmp, store, max_hold } => {
+        Cmd::Serve { coordinator, transport, cluster, name: n, qmp, store, max_hold } => {
             let n = name(&n)?;
             let cfg = sidecar::agent::Config {
-                coordinator,
-                token,
+                coordinator: transport.dialer(&coordinator)?,
                 cluster,
                 name: n.as_str().to_owned(),
                 qmp,

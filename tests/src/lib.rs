@@ -115,10 +115,32 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
     }
     let bin = dir.join(name);
     {
-        let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .args(["build", "--quiet", "--bin", name])
-            .status()?;
+        let mut cargo = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cargo.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).args(["build", "--quiet", "--bin", name]);
+        // Without the variables cargo sets for a test run (the test's package): build
+        // scripts that watch them (ring's watches CARGO_MANIFEST_DIR and CARGO_PKG_*)
+        // would otherwise be rerun, and their dependents rebuilt, by every test binary
+        // calling this and by the next plain build.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_BIN_EXE_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_MANIFEST_LINKS",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                ]
+                .contains(&&*key)
+            {
+                cargo.env_remove(&*key);
+            }
+        }
+        let status = cargo.status()?;
         anyhow::ensure!(status.success() && bin.exists(), "cannot build {name}");
     }
     Ok(bin)

@@ -98,8 +98,8 @@ async fn a_sidecar_killed_mid_epoch_aborts_it_and_the_vm_keeps_running() -> anyh
     let result = async {
         let first = c.ask(Request::Checkpoint).await?["epoch"].as_u64().unwrap_or(0);
         // Kill vm2's sidecar while an epoch runs.
-        let socket = c.socket.clone();
-        let ask = tokio::spawn(async move { coordinator::client::ask(&socket, None, Request::Checkpoint).await });
+        let dialer = c.dialer();
+        let ask = tokio::spawn(async move { coordinator::client::ask(&dialer, Request::Checkpoint).await });
         c.wait_status(LONG, |s| s["phase"]["state"] == "epoch").await?;
         c.crash_agent(2);
         let r = ask.await?;
@@ -140,8 +140,8 @@ async fn a_coordinator_killed_mid_epoch_never_leaves_a_half_committed_epoch() ->
     let result = async {
         c.ask(Request::Checkpoint).await?;
         for _ in 0..3 {
-            let socket = c.socket.clone();
-            let ask = tokio::spawn(async move { coordinator::client::ask(&socket, None, Request::Checkpoint).await });
+            let dialer = c.dialer();
+            let ask = tokio::spawn(async move { coordinator::client::ask(&dialer, Request::Checkpoint).await });
             c.wait_status(LONG, |s| {
                 s["phase"]["members"].as_object().is_some_and(|m| m.values().any(|st| st == "cut" || st == "durable"))
             })

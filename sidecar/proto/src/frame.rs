@@ -86,12 +86,17 @@ pub async fn write<W: AsyncWrite + Unpin>(w: &mut W, env: &Envelope) -> std::io:
     w.flush().await
 }
 
-/// Compares two tokens in constant time over their full lengths.
+/// Compares two tokens in constant time over their full lengths: every byte of the
+/// longer one is visited whatever the contents, and the lengths are compared as whole
+/// `usize`s folded into the same result (a difference of 256 bytes is not lost to a
+/// truncation). The time depends only on the longer length.
 pub fn same_token(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
-    let mut diff = a.len() ^ b.len();
+    let mut diff: usize = a.len() ^ b.len();
     for i in 0..a.len().max(b.len()) {
-        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0));
+        let x = a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0);
+        // Opaque to the optimizer, so the loop cannot stop at the first difference.
+        diff = std::hint::black_box(diff | usize::from(x));
     }
     diff == 0
 }
@@ -157,10 +162,20 @@ mod tests {
     #[test]
     fn tokens_compare_over_the_full_length() {
         assert!(same_token("secret", "secret"));
+        assert!(same_token("", ""));
         assert!(!same_token("secret", "secreT"));
         assert!(!same_token("secret", "secret2"));
-        // A length difference of 256 would vanish if truncated to a byte.
-        let long = "a".repeat(256 + 3);
-        assert!(!same_token("aaa", &long));
+        assert!(!same_token("", "x"));
+        // Lengths differing by 256 with equal bytes where both have them: only the
+        // length tells them apart (the missing bytes count as NUL), and a length
+        // difference truncated to a byte would be 0.
+        let short = "tok";
+        let long = format!("{short}{}", "\0".repeat(256));
+        assert_eq!(long.len() - short.len(), 256);
+        assert!(!same_token(short, &long));
+        assert!(!same_token(&long, short));
+        let a = "a".repeat(300);
+        let b = "a".repeat(300 + 256);
+        assert!(!same_token(&a, &b));
     }
 }
