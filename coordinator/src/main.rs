@@ -165,7 +165,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             step_timeout,
             recovery_attempts,
         } => {
-            std::fs::create_dir_all(&cli.state)?;
+            sidecar::store::private::create_dir_all(&cli.state)?;
             let mut cfg = server::Config::new(&cli.state);
             if let Some(a) = cli.coordinator.as_deref().filter(|a| !a.starts_with("tcp:")) {
                 cfg.socket = PathBuf::from(a);

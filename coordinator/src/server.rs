@@ -169,7 +169,7 @@ async fn listen(
     let mut tasks = Vec::new();
     let _ = std::fs::remove_file(&cfg.socket);
     if let Some(dir) = cfg.socket.parent() {
-        let _ = std::fs::create_dir_all(dir);
+        let _ = sidecar::store::private::create_dir_all(dir);
     }
     let unix = UnixListener::bind(&cfg.socket)
         .map_err(|source| ServerError::Listen { addr: cfg.socket.display().to_string(), source })?;
