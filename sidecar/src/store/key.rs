@@ -67,7 +67,10 @@ impl Key {
         if !path.exists() {
             let mut bytes = [0u8; KEY_LEN];
             std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).map_err(err)?;
-            let tmp = path.with_file_name(format!(".key.{}", std::process::id()));
+            // Unique per attempt: several stores may be opened at once in one process.
+            static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let tmp = path.with_file_name(format!(".key.{}.{seq}", std::process::id()));
             let made = (|| {
                 let mut f = private::create(&tmp)?;
                 std::io::Write::write_all(&mut f, &bytes)?;
@@ -151,6 +154,19 @@ mod tests {
         assert!(!k.verify("vm", 3, "abc", "zz"), "not hex");
         let other = Key::open_or_create(&d.path().join("other")).expect("other key");
         assert!(!other.verify("vm", 3, "abc", &t), "another store's key");
+    }
+
+    #[test]
+    fn opened_at_once_by_many_the_key_is_one() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = d.path().join("key");
+        let keys: Vec<[u8; KEY_LEN]> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8).map(|_| s.spawn(|| Key::open_or_create(&path).map(|k| k.0))).collect();
+            handles.into_iter().map(|h| h.join().expect("thread").expect("key")).collect()
+        });
+        assert!(keys.iter().all(|k| *k == keys[0]), "every opener reads the one key");
+        let left: Vec<_> = std::fs::read_dir(d.path()).expect("ls").flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("key")], "no temp file left");
     }
 
     #[test]
