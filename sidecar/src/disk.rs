@@ -49,6 +49,16 @@ pub enum DiskError {
         /// The offset.
         offset: u64,
     },
+    /// A chunk of the checkpoint lies past the end of its disk.
+    #[error("chunk {chunk} of disk {node} lies past its {virtual_size} bytes")]
+    OutOfRange {
+        /// The node.
+        node: String,
+        /// The chunk index.
+        chunk: u64,
+        /// The disk's size.
+        virtual_size: u64,
+    },
     /// A block operation failed.
     #[error(transparent)]
     Block(#[from] BlockError),
@@ -108,11 +118,16 @@ pub struct Copied {
 pub fn copied_ranges(target: &Path) -> Result<Vec<Copied>, DiskError> {
     let out =
         run("qemu-img", target, Command::new("qemu-img").args(["map", "--output=json", "-f", "qcow2"]).arg(target))?;
-    let extents: Vec<Extent> = serde_json::from_slice(&out).map_err(|e| DiskError::Tool {
+    parse_map(&out).map_err(|e| DiskError::Tool {
         tool: "qemu-img map",
         path: target.to_owned(),
         stderr: e.to_string(),
-    })?;
+    })
+}
+
+/// The copied ranges in `qemu-img map --output=json` of a backup target.
+pub fn parse_map(json: &[u8]) -> Result<Vec<Copied>, serde_json::Error> {
+    let extents: Vec<Extent> = serde_json::from_slice(json)?;
     Ok(extents
         .into_iter()
         .filter(|e| e.present.unwrap_or(e.data || e.depth == 0 && !e.zero))
@@ -145,12 +160,28 @@ pub fn fold(
     let ranges = copied_ranges(target)?;
     let file =
         File::open(target).map_err(|source| DiskError::Io { what: "cannot open", path: target.to_owned(), source })?;
+    fold_ranges(node, &ranges, &file, target, base, virtual_size, blocks, policy, created)
+}
+
+/// [`fold`] of ranges already read: the data of `ranges` is in `file` (the target at `target`).
+#[allow(clippy::too_many_arguments)]
+pub fn fold_ranges(
+    node: &str,
+    ranges: &[Copied],
+    file: &File,
+    target: &Path,
+    base: &BTreeMap<u64, Hash>,
+    virtual_size: u64,
+    blocks: &Blocks,
+    policy: &mut Policy,
+    created: &mut Vec<Hash>,
+) -> Result<Folded, DiskError> {
     let mut map = base.clone();
-    let (mut stored, mut copied) = (0, 0);
+    let (mut stored, mut copied) = (0u64, 0u64);
     let mut buf = vec![0u8; CHUNK as usize];
-    for r in ranges {
-        copied += r.length;
-        let end = (r.start + r.length).min(virtual_size);
+    for r in ranges.iter().cloned() {
+        copied = copied.saturating_add(r.length);
+        let end = r.start.saturating_add(r.length).min(virtual_size);
         let mut off = r.start;
         while off < end {
             let idx = off / CHUNK;
@@ -166,7 +197,9 @@ pub fn fold(
                     map.insert(idx, ZERO.to_owned());
                 }
                 Some(host) => {
-                    let at = host + (off - r.start);
+                    let at = host
+                        .checked_add(off - r.start)
+                        .ok_or(DiskError::Unaligned { node: node.to_owned(), offset: off })?;
                     file.read_exact_at(data, at).map_err(|source| DiskError::Io {
                         what: "cannot read backup target",
                         path: target.to_owned(),
@@ -223,15 +256,19 @@ pub fn write_image(disk: &Disk, blocks: &Blocks, path: &Path, staging: &Path) ->
         }
     };
     for (idx, hash) in &disk.chunks {
-        let start = idx * CHUNK;
-        let len = CHUNK.min(disk.virtual_size - start);
+        let (start, len) = disk.chunk_extent(*idx).ok_or_else(|| DiskError::OutOfRange {
+            node: disk.node.clone(),
+            chunk: *idx,
+            virtual_size: disk.virtual_size,
+        })?;
         if hash == ZERO {
             flush(&mut run_start, &mut commands);
             commands.push(format!("write -q -z {start} {len}"));
             continue;
         }
         let data = blocks.get(hash)?;
-        let contiguous = run_start.as_ref().is_some_and(|(s, _, _, l)| s + l == start && *l < (8 << 20));
+        let contiguous =
+            run_start.as_ref().is_some_and(|(s, _, _, l)| s.checked_add(*l) == Some(start) && *l < (8 << 20));
         if !contiguous {
             flush(&mut run_start, &mut commands);
             let p = staging.join(format!("run-{start}"));
@@ -264,6 +301,39 @@ pub fn write_image(disk: &Disk, blocks: &Blocks, path: &Path, staging: &Path) ->
 mod tests {
     use super::*;
     use crate::store::Estimates;
+
+    #[test]
+    fn a_map_parses_and_ranges_that_overflow_are_refused() {
+        let map = br#"[{"start": 0, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "offset": 327680},
+            {"start": 65536, "length": 65536, "depth": 0, "present": true, "zero": true, "data": false},
+            {"start": 131072, "length": 917504, "depth": 0, "present": false, "zero": true, "data": false}]"#;
+        let ranges = parse_map(map).expect("parse");
+        assert_eq!(
+            ranges,
+            [
+                Copied { start: 0, length: CHUNK, host: Some(327680) },
+                Copied { start: CHUNK, length: CHUNK, host: None }
+            ]
+        );
+        assert!(parse_map(b"[{\"start\": -1}]").is_err());
+        let d = tempfile::tempdir().expect("tempdir");
+        let blocks = Blocks::new(d.path().join("blocks"), d.path().to_owned());
+        let target = d.path().join("t");
+        std::fs::write(&target, vec![1u8; 2 * CHUNK as usize]).expect("write");
+        let file = File::open(&target).expect("open");
+        let mut policy = Policy::new(Estimates::default());
+        let fold = |ranges: &[Copied], policy: &mut Policy| {
+            fold_ranges("n", ranges, &file, &target, &BTreeMap::new(), 1 << 20, &blocks, policy, &mut Vec::new())
+        };
+        // start + length and host + offset used to overflow.
+        let huge = [Copied { start: CHUNK, length: u64::MAX, host: Some(u64::MAX - 10) }];
+        assert!(fold(&huge, &mut policy).is_err(), "an error, not an overflow");
+        let zeros = [Copied { start: 0, length: u64::MAX, host: None }];
+        let folded = fold(&zeros, &mut policy).expect("zeros to the end of the disk");
+        assert_eq!((folded.map.len(), folded.copied), (16, u64::MAX));
+        let data = [Copied { start: CHUNK, length: CHUNK, host: Some(0) }];
+        assert_eq!(fold(&data, &mut policy).expect("data").map.len(), 1);
+    }
 
     #[test]
     fn copied_ranges_fold_into_chunks_and_write_back() {
