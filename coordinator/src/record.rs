@@ -106,11 +106,50 @@ pub enum RecordError {
     },
 }
 
+/// Why bytes are not a usable record.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordParseError {
+    /// Not JSON of a record's shape.
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    /// Written by another format version.
+    #[error("format {found} (this cutline reads {FORMAT})")]
+    Format {
+        /// The version found.
+        found: u32,
+    },
+    /// The checksum does not match: the record is damaged.
+    #[error("checksum mismatch")]
+    Checksum,
+}
+
 impl Record {
-    fn seal(&mut self) {
+    /// Fills in the checksum.
+    pub fn seal(&mut self) {
         self.checksum.clear();
         let body = serde_json::to_vec(self).unwrap_or_default();
         self.checksum = sidecar::store::blocks::hex(&Sha256::digest(&body));
+    }
+
+    /// The record as written to its file.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let mut data = serde_json::to_vec_pretty(self)?;
+        data.push(b'\n');
+        Ok(data)
+    }
+
+    /// Parses and checks a record file's content.
+    pub fn from_bytes(data: &[u8]) -> Result<Record, RecordParseError> {
+        let r: Record = serde_json::from_slice(data)?;
+        if r.format != FORMAT {
+            return Err(RecordParseError::Format { found: r.format });
+        }
+        let mut copy = r.clone();
+        copy.seal();
+        if copy.checksum != r.checksum {
+            return Err(RecordParseError::Checksum);
+        }
+        Ok(r)
     }
 }
 
@@ -156,17 +195,7 @@ impl Catalog {
             path: path.clone(),
             source,
         })?;
-        let bad = |why: String| RecordError::Bad { path: path.clone(), why };
-        let r: Record = serde_json::from_slice(&data).map_err(|e| bad(e.to_string()))?;
-        if r.format != FORMAT {
-            return Err(bad(format!("format {} (this cutline reads {FORMAT})", r.format)));
-        }
-        let mut copy = r.clone();
-        copy.seal();
-        if copy.checksum != r.checksum {
-            return Err(bad("checksum mismatch".into()));
-        }
-        Ok(r)
+        Record::from_bytes(&data).map_err(|e| RecordError::Bad { path, why: e.to_string() })
     }
 
     /// The newest committed records, newest last, at most `n`.
@@ -186,9 +215,7 @@ impl Catalog {
             move |source| RecordError::Io { what, path: p, source }
         };
         let mut f = sidecar::store::private::create(&tmp).map_err(io("cannot create", &tmp))?;
-        let mut data = serde_json::to_vec_pretty(record)
-            .map_err(|e| RecordError::Bad { path: path.clone(), why: e.to_string() })?;
-        data.push(b'\n');
+        let data = record.to_bytes().map_err(|e| RecordError::Bad { path: path.clone(), why: e.to_string() })?;
         f.write_all(&data).map_err(io("cannot write", &tmp))?;
         f.sync_all().map_err(io("cannot sync", &tmp))?;
         let linked = std::fs::hard_link(&tmp, &path);
@@ -254,6 +281,23 @@ mod tests {
         let text = std::fs::read_to_string(&p).expect("read").replace("\"epoch\": 4", "\"epoch\": 9");
         std::fs::write(&p, text).expect("write");
         assert!(matches!(c.read(4), Err(RecordError::Bad { .. })));
+    }
+
+    #[test]
+    fn records_parse_from_bytes_and_refuse_damage() {
+        let mut r = record(3);
+        r.seal();
+        let bytes = r.to_bytes().expect("bytes");
+        assert_eq!(Record::from_bytes(&bytes).expect("parse"), r);
+        let other = String::from_utf8(bytes.clone()).expect("utf8").replace("\"epoch\": 3", "\"epoch\": 4");
+        assert!(matches!(Record::from_bytes(other.as_bytes()), Err(RecordParseError::Checksum)));
+        let mut future = record(3);
+        future.format = 2;
+        future.seal();
+        let err = Record::from_bytes(&future.to_bytes().expect("bytes")).expect_err("format");
+        assert_eq!(err.to_string(), "format 2 (this cutline reads 1)");
+        assert!(matches!(Record::from_bytes(b"{\"format\":1,"), Err(RecordParseError::Json(_))));
+        assert!(matches!(Record::from_bytes(&bytes[..bytes.len() / 2]), Err(RecordParseError::Json(_))));
     }
 
     #[test]

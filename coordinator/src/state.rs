@@ -39,6 +39,31 @@ pub struct Durable {
     pub members: BTreeMap<String, MemberInfo>,
 }
 
+/// Why bytes are not a usable state file.
+#[derive(Debug, thiserror::Error)]
+pub enum StateParseError {
+    /// Not JSON of the state's shape.
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    /// Written by another format version.
+    #[error("format {found} (this cutline reads {FORMAT})")]
+    Format {
+        /// The version found.
+        found: u32,
+    },
+}
+
+impl Durable {
+    /// Parses and checks a state file's content.
+    pub fn from_bytes(data: &[u8]) -> Result<Durable, StateParseError> {
+        let s: Durable = serde_json::from_slice(data)?;
+        if s.format != FORMAT {
+            return Err(StateParseError::Format { found: s.format });
+        }
+        Ok(s)
+    }
+}
+
 /// Errors of the state directory.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -129,17 +154,7 @@ impl StateDir {
                 Ok(Durable { format: FORMAT, incarnation: 0, next_epoch: 1, members: BTreeMap::new() })
             }
             Err(e) => Err(StateError::Io { what: "cannot read", path, source: e }),
-            Ok(data) => {
-                let s: Durable = serde_json::from_slice(&data)
-                    .map_err(|e| StateError::Bad { path: path.clone(), why: e.to_string() })?;
-                if s.format != FORMAT {
-                    return Err(StateError::Bad {
-                        path,
-                        why: format!("format {} (this cutline reads {FORMAT})", s.format),
-                    });
-                }
-                Ok(s)
-            }
+            Ok(data) => Durable::from_bytes(&data).map_err(|e| StateError::Bad { path, why: e.to_string() }),
         }
     }
 
@@ -171,6 +186,17 @@ mod tests {
         drop(s);
         let s = StateDir::lock(d.path()).expect("free again");
         assert_eq!(s.load().expect("load"), st);
+    }
+
+    #[test]
+    fn state_parses_from_bytes_and_refuses_other_formats() {
+        let st = Durable { format: FORMAT, incarnation: 2, next_epoch: 5, members: BTreeMap::new() };
+        let bytes = serde_json::to_vec_pretty(&st).expect("json");
+        assert_eq!(Durable::from_bytes(&bytes).expect("parse"), st);
+        let other = Durable { format: 7, ..st };
+        let err = Durable::from_bytes(&serde_json::to_vec(&other).expect("json")).expect_err("format");
+        assert_eq!(err.to_string(), "format 7 (this cutline reads 1)");
+        assert!(matches!(Durable::from_bytes(b"[]"), Err(StateParseError::Json(_))));
     }
 
     #[test]

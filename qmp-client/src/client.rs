@@ -595,6 +595,64 @@ async fn read_loop<R: AsyncRead + Unpin>(mut reader: BufReader<R>, shared: Arc<S
     shared.closed_tx.send_replace(Some(reason));
 }
 
+/// The reader's pure parts, reachable by the fuzz targets in `fuzz/` (feature `fuzzing`):
+/// thin doors to the code the client runs, not copies of it.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// One message of `reader`, as the client reads it.
+    pub async fn read_message<R: AsyncRead + Unpin>(reader: &mut BufReader<R>) -> std::io::Result<Option<Value>> {
+        super::read_message(reader).await
+    }
+
+    /// The greeting in the first message.
+    pub fn parse_greeting(msg: &Value) -> Result<Greeting, String> {
+        Greeting::parse(msg)
+    }
+
+    /// The event `msg` is, if it is one.
+    pub fn event(msg: &Value) -> Option<Event> {
+        Event::from_message(msg)
+    }
+
+    /// What the reader task delivered by the time the stream ended.
+    #[derive(Debug)]
+    pub struct Routed {
+        /// Per command waiting: its reply (`None`: it was never answered).
+        pub replies: Vec<(u64, Option<Result<Value, QmpError>>)>,
+        /// The events a subscriber received, in order.
+        pub events: Vec<Event>,
+        /// Why the connection closed.
+        pub closed: Option<CloseReason>,
+    }
+
+    /// Runs the client's reader task over `reader` to its end, with commands `ids` waiting
+    /// (named `cmdID`) and one event subscriber.
+    pub async fn route<R: AsyncRead + Unpin>(reader: R, ids: &[u64]) -> Routed {
+        let (closed_tx, _) = watch::channel(None);
+        let shared = Arc::new(Shared { pending: Mutex::default(), subscribers: Mutex::default(), closed_tx });
+        let mut waits = Vec::new();
+        for &id in ids {
+            let (tx, rx) = oneshot::channel();
+            if lock(&shared.pending).waiting.insert(id, (format!("cmd{id}"), tx)).is_none() {
+                waits.push((id, rx));
+            }
+        }
+        let (tx, mut events_rx) = mpsc::unbounded_channel();
+        lock(&shared.subscribers).push(tx);
+        read_loop(BufReader::new(reader), shared.clone()).await;
+        let replies = waits.into_iter().map(|(id, mut rx)| (id, rx.try_recv().ok())).collect();
+        let mut events = Vec::new();
+        while let Ok(e) = events_rx.try_recv() {
+            events.push(e);
+        }
+        let closed = lock(&shared.pending).closed.clone();
+        Routed { replies, events, closed }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,9 @@ mod event;
 mod fdpass;
 mod peer;
 
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use client::fuzzing;
 pub use client::{CloseReason, Greeting, QemuVersion, Qmp, QmpOptions};
 pub use error::QmpError;
 pub use event::{Event, EventStream};

@@ -132,11 +132,16 @@ pub struct Copied {
 pub fn copied_ranges(target: &Path) -> Result<Vec<Copied>, DiskError> {
     let out =
         run("qemu-img", target, Command::new("qemu-img").args(["map", "--output=json", "-f", "qcow2"]).arg(target))?;
-    let extents: Vec<Extent> = serde_json::from_slice(&out).map_err(|e| DiskError::Tool {
+    parse_map(&out).map_err(|e| DiskError::Tool {
         tool: "qemu-img map",
         path: target.to_owned(),
         stderr: e.to_string(),
-    })?;
+    })
+}
+
+/// The copied ranges in `qemu-img map --output=json` of a backup target.
+pub fn parse_map(json: &[u8]) -> Result<Vec<Copied>, serde_json::Error> {
+    let extents: Vec<Extent> = serde_json::from_slice(json)?;
     Ok(extents
         .into_iter()
         .filter(|e| e.present.unwrap_or(e.data || e.depth == 0 && !e.zero))
@@ -169,11 +174,27 @@ pub fn fold(
     let ranges = copied_ranges(target)?;
     let file =
         File::open(target).map_err(|source| DiskError::Io { what: "cannot open", path: target.to_owned(), source })?;
+    fold_ranges(node, &ranges, &file, target, base, virtual_size, blocks, policy, created)
+}
+
+/// [`fold`] of ranges already read: the data of `ranges` is in `file` (the target at `target`).
+#[allow(clippy::too_many_arguments)]
+pub fn fold_ranges(
+    node: &str,
+    ranges: &[Copied],
+    file: &File,
+    target: &Path,
+    base: &BTreeMap<u64, Hash>,
+    virtual_size: u64,
+    blocks: &Blocks,
+    policy: &mut Policy,
+    created: &mut Vec<Hash>,
+) -> Result<Folded, DiskError> {
     let mut map = base.clone();
-    let (mut stored, mut copied) = (0, 0);
+    let (mut stored, mut copied) = (0u64, 0u64);
     let mut buf = vec![0u8; CHUNK as usize];
-    for r in ranges {
-        copied += r.length;
+    for r in ranges.iter().cloned() {
+        copied = copied.saturating_add(r.length);
         let end = r.start.saturating_add(r.length).min(virtual_size);
         let mut off = r.start;
         while off < end {
@@ -216,29 +237,16 @@ pub fn fold(
     Ok(Folded { map, stored, copied })
 }
 
-/// Where each chunk of a checkpointed disk goes: its offset and length in the image, with
-/// every figure from the manifest checked (chunk size, ascending indices, inside the
-/// virtual size, no overflow).
+/// Where each chunk of a checkpointed disk goes: its offset and length in the image, once
+/// the manifest's figures are checked ([`Disk::check`]: chunk size, ascending indices,
+/// inside the virtual size, no overflow), even when the manifest was read unchecked.
 pub fn chunk_ranges(disk: &Disk) -> Result<Vec<(u64, u64, &str)>, DiskError> {
-    let bad = |why: String| DiskError::Manifest { node: disk.node.clone(), why };
-    if disk.chunk_size != CHUNK {
-        return Err(bad(format!("chunk size {} is not {CHUNK}", disk.chunk_size)));
-    }
-    let mut out = Vec::with_capacity(disk.chunks.len());
-    let mut next = 0u64;
-    for (idx, hash) in &disk.chunks {
-        if *idx < next {
-            return Err(bad(format!("chunk {idx} is out of order or repeated")));
-        }
-        let start = idx
-            .checked_mul(CHUNK)
-            .filter(|s| *s < disk.virtual_size)
-            .ok_or_else(|| bad(format!("chunk {idx} lies beyond the virtual size {}", disk.virtual_size)))?;
-        let len = CHUNK.min(disk.virtual_size - start);
-        out.push((start, len, hash.as_str()));
-        next = idx + 1;
-    }
-    Ok(out)
+    disk.check().map_err(|e| DiskError::Manifest { node: disk.node.clone(), why: e.to_string() })?;
+    Ok(disk
+        .chunks
+        .iter()
+        .filter_map(|(idx, hash)| disk.chunk_extent(*idx).map(|(start, len)| (start, len, hash.as_str())))
+        .collect())
 }
 
 /// Writes the image of checkpointed `disk` to `path`: a new image of the same format
@@ -387,8 +395,8 @@ mod tests {
         let ok = disk(vec![(0, z()), (2, z())], 2 * CHUNK + 100);
         assert_eq!(chunk_ranges(&ok).expect("ranges"), vec![(0, CHUNK, ZERO), (2 * CHUNK, 100, ZERO)]);
         for (bad, why) in [
-            (disk(vec![(3, z())], 3 * CHUNK), "beyond"),
-            (disk(vec![(u64::MAX / 2, z())], u64::MAX), "beyond"),
+            (disk(vec![(3, z())], 3 * CHUNK), "lies past"),
+            (disk(vec![(u64::MAX / 2, z())], u64::MAX), "lies past"),
             (disk(vec![(2, z()), (1, z())], 4 * CHUNK), "out of order"),
             (disk(vec![(1, z()), (1, z())], 4 * CHUNK), "out of order"),
             (Disk { chunk_size: 4096, ..disk(vec![], CHUNK) }, "chunk size"),
@@ -439,7 +447,7 @@ mod tests {
             backing: Some(crate::store::manifest::Backing {
                 filename: base.display().to_string(),
                 format: "raw".into(),
-                sha256: String::new(),
+                sha256: crate::store::blocks::sha256_hex(b"not checked here"),
                 size,
             }),
             ..disk(chunks, size)
@@ -472,6 +480,39 @@ mod tests {
         take_identity(&original, &new).expect("identity");
         let m = std::fs::metadata(&new).expect("stat");
         assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1234, 4321, 0o640));
+    }
+
+    #[test]
+    fn a_map_parses_and_ranges_that_overflow_are_refused() {
+        let map = br#"[{"start": 0, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "offset": 327680},
+            {"start": 65536, "length": 65536, "depth": 0, "present": true, "zero": true, "data": false},
+            {"start": 131072, "length": 917504, "depth": 0, "present": false, "zero": true, "data": false}]"#;
+        let ranges = parse_map(map).expect("parse");
+        assert_eq!(
+            ranges,
+            [
+                Copied { start: 0, length: CHUNK, host: Some(327680) },
+                Copied { start: CHUNK, length: CHUNK, host: None }
+            ]
+        );
+        assert!(parse_map(b"[{\"start\": -1}]").is_err());
+        let d = tempfile::tempdir().expect("tempdir");
+        let blocks = Blocks::new(d.path().join("blocks"), d.path().to_owned());
+        let target = d.path().join("t");
+        std::fs::write(&target, vec![1u8; 2 * CHUNK as usize]).expect("write");
+        let file = File::open(&target).expect("open");
+        let mut policy = Policy::new(Estimates::default());
+        let fold = |ranges: &[Copied], policy: &mut Policy| {
+            fold_ranges("n", ranges, &file, &target, &BTreeMap::new(), 1 << 20, &blocks, policy, &mut Vec::new())
+        };
+        // start + length and host + offset used to overflow.
+        let huge = [Copied { start: CHUNK, length: u64::MAX, host: Some(u64::MAX - 10) }];
+        assert!(fold(&huge, &mut policy).is_err(), "an error, not an overflow");
+        let zeros = [Copied { start: 0, length: u64::MAX, host: None }];
+        let folded = fold(&zeros, &mut policy).expect("zeros to the end of the disk");
+        assert_eq!((folded.map.len(), folded.copied), (16, u64::MAX));
+        let data = [Copied { start: CHUNK, length: CHUNK, host: Some(0) }];
+        assert_eq!(fold(&data, &mut policy).expect("data").map.len(), 1);
     }
 
     #[test]

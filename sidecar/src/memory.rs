@@ -50,7 +50,18 @@ pub fn save_stream(
     progress: watch::Sender<u64>,
     created: &mut Vec<String>,
 ) -> Result<Stream, BlockError> {
-    let reader = Counting { inner: File::from(pipe), count: Arc::new(AtomicU64::new(0)), tx: progress };
+    save_stream_from(File::from(pipe), blocks, policy, progress, created)
+}
+
+/// [`save_stream`] from any reader (the pipe in production; bytes in tests and fuzzing).
+pub fn save_stream_from(
+    input: impl Read,
+    blocks: &Blocks,
+    policy: &mut Policy,
+    progress: watch::Sender<u64>,
+    created: &mut Vec<String>,
+) -> Result<Stream, BlockError> {
+    let reader = Counting { inner: input, count: Arc::new(AtomicU64::new(0)), tx: progress };
     let chunker = fastcdc::v2020::StreamCDC::new(reader, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK);
     let mut stream = Stream { layout: "stream".into(), bytes: 0, blocks: Vec::new(), bytes_stored: 0 };
     for chunk in chunker {
@@ -127,14 +138,14 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 /// every block's hash.
 pub fn restore_file(path: &Path, blocks: &Blocks, stream: &Stream) -> Result<(), BlockError> {
     let write_err = |source| BlockError::Write { hash: "(migration file)".into(), path: path.to_owned(), source };
+    if stream.layout != "mapped-ram" {
+        return Err(invalid(format!("a {} stream is not a mapped-ram file", stream.layout)));
+    }
+    // Lengths add up to `bytes` without overflow, each at most a block: offsets below hold.
+    stream.check().map_err(|e| invalid(e.to_string()))?;
     let f = crate::store::private::create(path).map_err(write_err)?;
     let mut off = 0u64;
     for (hash, len) in &stream.blocks {
-        // Every length comes from the manifest: the blocks must add up to its total.
-        let end = off.checked_add(*len).filter(|e| *e <= stream.bytes).ok_or_else(|| BlockError::Damaged {
-            hash: hash.clone(),
-            why: format!("a block of {len} bytes at {off} runs past the recorded {} bytes", stream.bytes),
-        })?;
         if hash != ZERO {
             let data = blocks.get(hash)?;
             if data.len() as u64 != *len {
@@ -145,13 +156,7 @@ pub fn restore_file(path: &Path, blocks: &Blocks, stream: &Stream) -> Result<(),
             }
             std::os::unix::fs::FileExt::write_all_at(&f, &data, off).map_err(write_err)?;
         }
-        off = end;
-    }
-    if off != stream.bytes {
-        return Err(BlockError::Damaged {
-            hash: "(migration file)".into(),
-            why: format!("blocks add up to {off} bytes, recorded {}", stream.bytes),
-        });
+        off = off.checked_add(*len).ok_or_else(|| invalid("offsets overflow".into()))?;
     }
     f.set_len(off).map_err(write_err)?;
     Ok(())
@@ -159,8 +164,16 @@ pub fn restore_file(path: &Path, blocks: &Blocks, stream: &Stream) -> Result<(),
 
 /// Writes the stored stream into `pipe`, checking every block's hash on the way.
 pub fn feed_stream(pipe: OwnedFd, blocks: &Blocks, stream: &Stream) -> Result<u64, BlockError> {
-    let mut out = File::from(pipe);
-    let mut total = 0;
+    feed_stream_to(File::from(pipe), blocks, stream)
+}
+
+/// [`feed_stream`] into any writer (the pipe in production; memory in tests and fuzzing).
+pub fn feed_stream_to(mut out: impl Write, blocks: &Blocks, stream: &Stream) -> Result<u64, BlockError> {
+    if stream.layout != "stream" {
+        return Err(invalid(format!("a {} file is not a sequential stream", stream.layout)));
+    }
+    stream.check().map_err(|e| invalid(e.to_string()))?;
+    let mut total = 0u64;
     for (hash, len) in &stream.blocks {
         let data = blocks.get(hash)?;
         if data.len() as u64 != *len {
@@ -174,7 +187,66 @@ pub fn feed_stream(pipe: OwnedFd, blocks: &Blocks, stream: &Stream) -> Result<u6
             path: "migration pipe to QEMU".into(),
             source,
         })?;
-        total += data.len() as u64;
+        total = total.checked_add(*len).ok_or_else(|| invalid("length overflows".into()))?;
     }
+    out.flush().map_err(|source| BlockError::Read {
+        hash: "(end of stream)".into(),
+        path: "migration pipe to QEMU".into(),
+        source,
+    })?;
     Ok(total)
+}
+
+/// A stream description no checkpoint has (see [`Stream::check`]).
+fn invalid(why: String) -> BlockError {
+    BlockError::Damaged { hash: "(stream description)".into(), why }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Estimates;
+
+    fn blocks() -> (tempfile::TempDir, Blocks) {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(d.path().join("tmp")).expect("tmp");
+        let b = Blocks::new(d.path().join("blocks"), d.path().join("tmp"));
+        (d, b)
+    }
+
+    #[test]
+    fn a_stream_saved_in_chunks_feeds_back_the_same_bytes() {
+        let (_d, b) = blocks();
+        let mut policy = Policy::new(Estimates::default());
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+        let (tx, _rx) = watch::channel(0);
+        let mut created = Vec::new();
+        let stream = save_stream_from(&data[..], &b, &mut policy, tx, &mut created).expect("save");
+        assert_eq!(stream.bytes, data.len() as u64);
+        assert!(stream.blocks.len() > 2 && stream.blocks.iter().all(|(_, l)| *l <= MAX_CHUNK as u64));
+        let mut out = Vec::new();
+        assert_eq!(feed_stream_to(&mut out, &b, &stream).expect("feed"), data.len() as u64);
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn descriptions_whose_lengths_overflow_are_refused_before_any_write() {
+        let (d, b) = blocks();
+        // Two holes whose lengths overflow u64 when added: the offset used to overflow.
+        let holes = Stream {
+            layout: "mapped-ram".into(),
+            bytes: 1,
+            blocks: vec![(ZERO.into(), u64::MAX), (ZERO.into(), 2)],
+            bytes_stored: 0,
+        };
+        let path = d.path().join("ram");
+        assert!(matches!(restore_file(&path, &b, &holes), Err(BlockError::Damaged { .. })));
+        assert!(!path.exists(), "nothing written");
+        let named = Stream { layout: "stream".into(), bytes: 3, blocks: vec![("é".into(), 3)], bytes_stored: 0 };
+        assert!(matches!(feed_stream_to(Vec::new(), &b, &named), Err(BlockError::Damaged { .. })));
+        let zeros = Stream { layout: "mapped-ram".into(), bytes: 5, blocks: vec![(ZERO.into(), 5)], bytes_stored: 0 };
+        restore_file(&path, &b, &zeros).expect("a hole only");
+        assert_eq!(std::fs::read(&path).expect("read"), [0; 5]);
+        assert!(feed_stream_to(Vec::new(), &b, &zeros).is_err(), "a mapped-ram file is no stream");
+    }
 }

@@ -29,6 +29,8 @@ pub enum FrameError {
 /// Reads messages from a stream, keeping a partial line across cancelled reads.
 pub struct FrameReader<R> {
     inner: BufReader<R>,
+    /// Largest message accepted ([`MAX_MESSAGE`] but in tests and fuzzing).
+    limit: usize,
     line: Vec<u8>,
     /// Inside a line that passed the limit: drop bytes up to its end.
     skipping: bool,
@@ -37,7 +39,14 @@ pub struct FrameReader<R> {
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Frames `inner`.
     pub fn new(inner: R) -> FrameReader<R> {
-        FrameReader { inner: BufReader::new(inner), line: Vec::new(), skipping: false }
+        FrameReader::with_limit(inner, MAX_MESSAGE)
+    }
+
+    /// Frames `inner`, refusing messages over `limit` bytes rather than [`MAX_MESSAGE`]
+    /// (so that tests and fuzzing reach the limit with small inputs).
+    #[doc(hidden)]
+    pub fn with_limit(inner: R, limit: usize) -> FrameReader<R> {
+        FrameReader { inner: BufReader::new(inner), limit, line: Vec::new(), skipping: false }
     }
 
     /// The next message. Cancel-safe: the only await is on filling the buffer, and what
@@ -54,7 +63,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             };
             let used = end.unwrap_or(chunk.len());
             if !self.skipping {
-                if self.line.len() + chunk.len() > MAX_MESSAGE {
+                if self.line.len() + chunk.len() > self.limit {
                     self.skipping = true;
                     self.line = Vec::new();
                 } else {
@@ -120,6 +129,20 @@ mod tests {
         let mut r = FrameReader::new(&data[..]);
         assert!(matches!(r.next().await, Err(FrameError::TooLarge)));
         assert_eq!(r.next().await.expect("next").msg, Msg::Heartbeat);
+        assert!(matches!(r.next().await, Err(FrameError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_line_of_exactly_the_limit_is_taken_one_more_is_refused() {
+        let msg = line(Msg::Heartbeat);
+        let len = msg.len() - 1;
+        let mut data = msg.clone();
+        data.extend(&msg);
+        let mut r = FrameReader::with_limit(&data[..], len);
+        assert_eq!(r.next().await.expect("at the limit").msg, Msg::Heartbeat);
+        let mut r = FrameReader::with_limit(&data[..], len - 1);
+        assert!(matches!(r.next().await, Err(FrameError::TooLarge)));
+        assert!(matches!(r.next().await, Err(FrameError::TooLarge)));
         assert!(matches!(r.next().await, Err(FrameError::Closed)));
     }
 

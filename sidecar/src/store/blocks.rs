@@ -23,7 +23,7 @@ use super::private;
 const CODEC_RAW: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
 /// Largest block accepted on read (the chunkers produce at most 1 MiB).
-const MAX_BLOCK: usize = 16 << 20;
+pub const MAX_BLOCK: usize = 16 << 20;
 
 /// A sha256 as lowercase hex.
 pub type Hash = String;
@@ -66,6 +66,11 @@ pub enum BlockError {
 /// sha256 of `data` as hex.
 pub fn sha256_hex(data: &[u8]) -> Hash {
     hex(&Sha256::digest(data))
+}
+
+/// True when `name` can name a block: a sha256 as 64 lowercase hex digits.
+pub fn is_block_name(name: &str) -> bool {
+    name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Lowercase hex of bytes.
@@ -126,9 +131,9 @@ impl Blocks {
         }
     }
 
-    /// The file of block `hash`.
+    /// The file of block `hash` (a block name: see [`is_block_name`]).
     pub fn path(&self, hash: &str) -> PathBuf {
-        self.dir.join(&hash[..2.min(hash.len())]).join(hash)
+        self.dir.join(hash.get(..2).unwrap_or_default()).join(hash)
     }
 
     /// True when block `hash` is stored.
@@ -192,6 +197,10 @@ impl Blocks {
 
     /// Reads block `hash`, checking that its content hashes to its name.
     pub fn get(&self, hash: &str) -> Result<Vec<u8>, BlockError> {
+        // A name from a manifest is a file name under the store: nothing else (`..`, `/`).
+        if !is_block_name(hash) {
+            return Err(BlockError::Damaged { hash: hash.to_owned(), why: "not a block name (a sha256)".into() });
+        }
         let path = self.path(hash);
         let read_err = |source| BlockError::Read { hash: hash.to_owned(), path: path.clone(), source };
         let mut raw = Vec::new();
@@ -310,6 +319,17 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
         assert_eq!(mode(&b.path(&put.hash)), 0o600);
         assert_eq!(mode(b.path(&put.hash).parent().expect("fan-out dir")), 0o700);
+    }
+
+    #[test]
+    fn names_that_are_not_sha256_are_refused_not_opened() {
+        let (_d, b) = blocks();
+        // A multibyte character at byte 1 used to panic on slicing the two-digit prefix.
+        assert!(!b.path("é").as_os_str().is_empty());
+        for bad in ["é", "../../etc/passwd", "/etc/passwd", "zero", "", &"A".repeat(64), &"a".repeat(63)] {
+            assert!(matches!(b.get(bad), Err(BlockError::Damaged { .. })), "{bad:?}");
+        }
+        assert!(is_block_name(&sha256_hex(b"x")));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::blocks::{Hash, sha256_hex};
+use super::blocks::{Hash, MAX_BLOCK, is_block_name, sha256_hex};
+use crate::disk::CHUNK;
 
 /// The manifest format this code writes and reads.
 pub const FORMAT: u32 = 1;
@@ -156,6 +157,73 @@ pub enum ManifestError {
     /// The checksum does not match.
     #[error("manifest checksum mismatch: the file is damaged")]
     Checksum,
+    /// The content is inconsistent: a block name, length, offset or layout no checkpoint has.
+    #[error("manifest is inconsistent: {0}")]
+    Invalid(String),
+}
+
+impl Stream {
+    /// Checks what a rebuild relies on: a known layout, block names that are sha256s
+    /// ([`ZERO`] only in `mapped-ram`), lengths a block can have, and lengths that add up
+    /// to `bytes` without overflow.
+    pub fn check(&self) -> Result<(), ManifestError> {
+        let invalid = |what: String| Err(ManifestError::Invalid(what));
+        let zero_ok = match self.layout.as_str() {
+            "stream" => false,
+            "mapped-ram" => true,
+            other => return invalid(format!("unknown stream layout {other:?}")),
+        };
+        let mut total = 0u64;
+        for (i, (hash, len)) in self.blocks.iter().enumerate() {
+            if !(is_block_name(hash) || zero_ok && hash == ZERO) {
+                return invalid(format!("block {i} of the {} stream is named {hash:?}", self.layout));
+            }
+            if *len > MAX_BLOCK as u64 {
+                return invalid(format!("block {i} of the stream has {len} bytes (at most {MAX_BLOCK})"));
+            }
+            total = total.checked_add(*len).ok_or_else(|| ManifestError::Invalid("stream length overflows".into()))?;
+        }
+        if total != self.bytes {
+            return invalid(format!("stream blocks add up to {total} bytes, recorded {}", self.bytes));
+        }
+        Ok(())
+    }
+}
+
+impl Disk {
+    /// Guest offset and length of chunk `idx`, when it lies inside the disk.
+    pub fn chunk_extent(&self, idx: u64) -> Option<(u64, u64)> {
+        let start = idx.checked_mul(CHUNK).filter(|s| *s < self.virtual_size)?;
+        Some((start, CHUNK.min(self.virtual_size - start)))
+    }
+
+    /// Checks what a rebuild relies on: chunks of [`CHUNK`] bytes inside the disk, in
+    /// increasing order, named by sha256 or [`ZERO`].
+    pub fn check(&self) -> Result<(), ManifestError> {
+        let invalid = |what: String| Err(ManifestError::Invalid(format!("disk {}: {what}", self.node)));
+        if self.chunk_size != CHUNK {
+            return invalid(format!("chunk size {} (cutline's is {CHUNK})", self.chunk_size));
+        }
+        let mut last = None;
+        for (idx, hash) in &self.chunks {
+            if !(is_block_name(hash) || hash == ZERO) {
+                return invalid(format!("chunk {idx} is named {hash:?}"));
+            }
+            if self.chunk_extent(*idx).is_none() {
+                return invalid(format!("chunk {idx} lies past the disk's {} bytes", self.virtual_size));
+            }
+            if last.is_some_and(|l| l >= *idx) {
+                return invalid(format!("chunk {idx} is out of order"));
+            }
+            last = Some(*idx);
+        }
+        if let Some(b) = &self.backing
+            && !is_block_name(&b.sha256)
+        {
+            return invalid(format!("backing image sha256 {:?}", b.sha256));
+        }
+        Ok(())
+    }
 }
 
 impl Manifest {
@@ -184,7 +252,14 @@ impl Manifest {
         if copy.checksum != m.checksum {
             return Err(ManifestError::Checksum);
         }
+        m.check()?;
         Ok(m)
+    }
+
+    /// Checks the memory stream and every disk (see [`Stream::check`], [`Disk::check`]).
+    pub fn check(&self) -> Result<(), ManifestError> {
+        self.memory.check()?;
+        self.disks.iter().try_for_each(Disk::check)
     }
 
     /// Every block this checkpoint references.
@@ -246,6 +321,71 @@ pub(crate) mod tests {
             m.seal();
             assert_eq!(Manifest::from_bytes(&m.to_bytes()).expect("round trip"), m);
         }
+    }
+
+    fn disk(virtual_size: u64, chunks: Vec<(u64, Hash)>) -> Disk {
+        Disk {
+            node: "n".into(),
+            device: "d".into(),
+            filename: "f".into(),
+            format: "qcow2".into(),
+            virtual_size,
+            cluster_size: None,
+            chunk_size: CHUNK,
+            backing: None,
+            chunks,
+            full: true,
+            full_reason: None,
+            bytes_stored: 0,
+            bytes_copied: 0,
+        }
+    }
+
+    fn refused(m: &mut Manifest) -> String {
+        m.seal();
+        match Manifest::from_bytes(&m.to_bytes()) {
+            Err(ManifestError::Invalid(why)) => why,
+            other => panic!("accepted or refused otherwise: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn refuses_lengths_names_and_offsets_no_checkpoint_has() {
+        let h = "b".repeat(64);
+        let mut m = sample(1);
+        // Lengths that overflow u64 when added (a restore would have added them unchecked).
+        m.memory.layout = "mapped-ram".into();
+        m.memory.blocks = vec![(ZERO.into(), u64::MAX), (ZERO.into(), 2)];
+        m.memory.bytes = 1;
+        assert!(refused(&mut m).contains("bytes"), "a block over MAX_BLOCK");
+        m.memory.blocks = vec![(ZERO.into(), 1 << 20); 3];
+        assert!(refused(&mut m).contains("add up"));
+        m.memory.bytes = 3 << 20;
+        m.seal();
+        assert!(Manifest::from_bytes(&m.to_bytes()).is_ok(), "holes of mapped-ram are fine");
+        m.memory.layout = "stream".into();
+        assert!(refused(&mut m).contains("named \"zero\""), "a stream has no holes");
+        m.memory.blocks = vec![("../../../etc/passwd".into(), 3)];
+        m.memory.bytes = 3;
+        assert!(refused(&mut m).contains("passwd"));
+        m.memory.layout = "tape".into();
+        assert!(refused(&mut m).contains("tape"));
+
+        let mut m = sample(1);
+        m.disks = vec![disk(3 * CHUNK + 1, vec![(0, h.clone()), (3, ZERO.into())])];
+        m.seal();
+        assert!(Manifest::from_bytes(&m.to_bytes()).is_ok());
+        assert_eq!(m.disks[0].chunk_extent(3), Some((3 * CHUNK, 1)));
+        assert_eq!(m.disks[0].chunk_extent(4), None);
+        assert_eq!(m.disks[0].chunk_extent(u64::MAX / 2), None, "no overflow of idx * CHUNK");
+        m.disks = vec![disk(CHUNK, vec![(1, h.clone())])];
+        assert!(refused(&mut m).contains("past the disk"));
+        m.disks = vec![disk(4 * CHUNK, vec![(2, h.clone()), (1, h.clone())])];
+        assert!(refused(&mut m).contains("order"));
+        m.disks = vec![disk(CHUNK, vec![(0, "é".into())])];
+        assert!(refused(&mut m).contains("named"));
+        m.disks = vec![Disk { chunk_size: 512, ..disk(CHUNK, vec![]) }];
+        assert!(refused(&mut m).contains("chunk size"));
     }
 
     #[test]

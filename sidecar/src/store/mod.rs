@@ -621,6 +621,7 @@ mod tests {
             let own = store.blocks().put(&[i; 100], &mut policy).expect("put");
             let mut m = manifest::tests::sample(store.next_id("vm").expect("id"));
             m.memory.blocks = vec![(shared.hash.clone(), 12), (own.hash.clone(), 100)];
+            m.memory.bytes = 112;
             store.commit(&mut m).expect("commit");
             ids.push(m.id);
         }
