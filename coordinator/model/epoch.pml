@@ -26,6 +26,10 @@
  *                     not named committed, instead of exactly those named aborted.
  *   TCP               the network keeps each connection's order and neither drops nor
  *                     duplicates within a connection (only connection drops lose).
+ *   FIX_ATTEMPT       what-if, not the code: recovery messages carry the attempt
+ *                     (epoch + 16 * attempt), answers of another attempt are discarded,
+ *                     and a sidecar still restoring the same epoch answers the newer
+ *                     attempt; checks that this closes the problem README.md describes.
  * Bounds (-D, defaults below): EF, F_TOTAL and one budget per fault kind.
  */
 
@@ -210,6 +214,13 @@ mtype hmt;
 #endif
 #define BOUND(x) assert(x)
 
+#ifdef FIX_ATTEMPT
+#define REP (r_ep + 16 * attempt)   /* the recovery's messages name epoch and attempt */
+#else
+#define REP r_ep                    /* Restore/Restored/Resume/Resumed name the epoch only */
+#endif
+#define EPOCH_OF(x) ((x) % 16)
+
 #define BIT(id) (1 << (id))
 #define HAS(m, id) ((store[m] & BIT(id)) != 0)
 #define TAG(i, e) ((i) * 16 + (e))
@@ -275,7 +286,7 @@ inline c_start_recovery() {
   phase = RECOV; r_resuming = false;
   for (hm : 0 .. N - 1) {
     tstate[hm] = T_RESTORING;
-    c_send(hm, RESTORE, r_ep, r_ck[hm])
+    c_send(hm, RESTORE, REP, r_ck[hm])
   };
   skip
 }
@@ -374,7 +385,7 @@ inline c_epoch_member(m, k, e, a) {
   /* the known-bad coordinator: any Durable counts, whatever its epoch, stage or checkpoint */
   :: k == DURABLE ->
      if
-     :: step != COMMITTING -> ndur++; durck[m] = a; stage[m] = SDUR; c_maybe_commit()
+     :: step != COMMITTING -> ndur++; durck[m] = a; c_maybe_commit()
      :: else -> skip
      fi
 #endif
@@ -419,14 +430,14 @@ inline c_recovery_member(m, k, e, a) {
      :: tstate[m] == T_RESTORING -> skip                   /* its old QEMU stops: expected */
      :: else -> c_retry()
      fi
-  :: k != VMFAILED && e != r_ep -> skip                    /* another epoch */
-  :: k != VMFAILED && e == r_ep ->
+  :: k != VMFAILED && e != REP -> skip                     /* another epoch */
+  :: k != VMFAILED && e == REP ->
      if
      :: k == RESTORED && tstate[m] == T_RESTORING && !r_resuming ->
         tstate[m] = T_RESTORED;
         if
         :: tstate[0] == T_RESTORED && tstate[1] == T_RESTORED && tstate[2] == T_RESTORED ->
-           r_resuming = true; c_send_all(RESUME, r_ep, 0)
+           r_resuming = true; c_send_all(RESUME, REP, 0)
         :: else -> skip
         fi
      :: k == RESUMED && tstate[m] == T_RESTORED && r_resuming ->
@@ -434,7 +445,7 @@ inline c_recovery_member(m, k, e, a) {
         if
         :: tstate[0] == T_RESUMED && tstate[1] == T_RESUMED && tstate[2] == T_RESUMED ->
            /* Effect::Recovered.  (d): every member runs the state of this one epoch */
-           printf("MSC: recovered to epoch %d\\n", r_ep);
+           printf("MSC: recovered to epoch %d\n", r_ep);
            for (hm : 0 .. N - 1) {
              PROP_D(g_from[hm] == r_ep);
              PROP_D(vm[hm] == FAILED || !g_paused[hm]);
@@ -627,7 +638,13 @@ inline s_abort(m, i, e) {
 /* Agent::on_msg(Restore): VmEvent::Restore */
 inline s_restore(m, i, e, ck) {
   if
+#ifdef FIX_ATTEMPT
+  :: vm[m] == RESTORING && vm_inc[m] == i && EPOCH_OF(vm_ep[m]) == EPOCH_OF(e) && restore_ck[m] == ck ->
+     vm_ep[m] = e                                          /* the restore running answers this attempt */
+  :: vm[m] == RESTORING && vm_inc[m] == i && !(EPOCH_OF(vm_ep[m]) == EPOCH_OF(e) && restore_ck[m] == ck) -> skip
+#else
   :: vm[m] == RESTORING && vm_inc[m] == i -> skip           /* one restore at a time */
+#endif
   :: else ->                                               /* StartRestore (supersedes another incarnation's) */
      vm[m] = RESTORING; vm_inc[m] = i; vm_ep[m] = e; restore_ck[m] = ck; rtask[m] = true;
      prepared[m] = false; g_paused[m] = true
@@ -721,8 +738,8 @@ inline s_register(m) {
   if
   :: phase == RECOV ->                                     /* Event::Registered */
      if
-     :: tstate[m] == T_RESTORING -> c_send(m, RESTORE, r_ep, r_ck[m])
-     :: tstate[m] == T_RESTORED && r_resuming -> c_send(m, RESUME, r_ep, 0)
+     :: tstate[m] == T_RESTORING -> c_send(m, RESTORE, REP, r_ck[m])
+     :: tstate[m] == T_RESTORED && r_resuming -> c_send(m, RESUME, REP, 0)
      :: else -> skip
      fi
   :: else -> skip
@@ -923,7 +940,7 @@ end:
        rtask[m] = false;
        if
        :: vm[m] == RESTORING && HAS(m, restore_ck[m]) ->
-          vm[m] = PAUSED; g_from[m] = vm_ep[m]; g_paused[m] = true;
+          vm[m] = PAUSED; g_from[m] = EPOCH_OF(vm_ep[m]); g_paused[m] = true;
           s_send_for(m, vm_inc[m], RESTORED, vm_ep[m], 0)
        :: vm[m] == RESTORING && !HAS(m, restore_ck[m]) ->  /* no such checkpoint */
           vm[m] = FAILED; s_send_for(m, vm_inc[m], STEPFAILED, vm_ep[m], 0);
@@ -967,7 +984,7 @@ end:
        :: vm[m] == RESTORING ->                            /* the restore died with it */
           if
           :: vm[m] = FAILED                                /* no QEMU left */
-          :: vm[m] = RUNNING; g_from[m] = vm_ep[m]         /* or the new one, paused */
+          :: vm[m] = RUNNING; g_from[m] = EPOCH_OF(vm_ep[m]) /* or the new one, paused */
           fi
        :: vm[m] == PAUSED -> vm[m] = RUNNING               /* attached: the guest stays paused */
        :: else -> skip
