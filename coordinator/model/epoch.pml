@@ -785,10 +785,12 @@ end:
        SCRUB
      }
 
-  /* Actor::on_tick: a failed VM (or one found dead on evidence) starts a recovery */
+  /* Actor::on_tick: a failed VM (or one found dead on evidence) starts a recovery.  While
+   * the record is written it is refused, but Actor::recover has set last_recovery: the
+   * model takes that once (more changes nothing) */
   :: atomic {
        (health[0] == H_FAILED || health[1] == H_FAILED || health[2] == H_FAILED) &&
-       (phase == IDLE || (phase == EPOCH && step != COMMITTING)) ->
+       (phase == IDLE || (phase == EPOCH && (step != COMMITTING || !last_recovery))) ->
        c_recover();
        SCRUB
      }
