@@ -9,5 +9,6 @@ cargo build --workspace --all-targets --locked
 cargo clippy --workspace --all-targets --locked --quiet -- -D warnings
 cargo run --quiet --locked -p cutline-tests --bin cutline-guest-image
 ./ci/fuzz.sh
+coordinator/model/check.sh
 cargo nextest run --workspace --locked --profile ci
 echo "ci/test.sh: suite passed in $(( $(date +%s) - started )) s"
