@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Fuzz smoke test: builds every cargo-fuzz target in fuzz/ and runs each for FUZZ_SECONDS
-# (default 20) over its committed corpus and regression inputs, one at a time; any crash,
+# (default 10) over its committed corpus and regression inputs, one at a time; any crash,
 # panic, OOM or timeout fails the script (libFuzzer leaves the input in
 # fuzz/artifacts/TARGET/). Long local runs and the figures: docs/FUZZING.md.
-#   FUZZ_SECONDS=N       seconds per target (default 20)
+#   FUZZ_SECONDS=N       seconds per target (default 10)
 #   FUZZ_SANITIZER=S     none (default here: the targets are safe Rust, and it builds
 #                        faster) or address
 #   FUZZ_BUILD=--dev     --dev (default: unoptimized, quick to build) or --release
@@ -13,7 +13,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 # cargo-fuzz passes nightly flags (-Z, sanitizers); the stable toolchain takes them so.
 export RUSTC_BOOTSTRAP=1
-seconds=${FUZZ_SECONDS:-20}
+seconds=${FUZZ_SECONDS:-10}
 sanitizer=${FUZZ_SANITIZER:-none}
 build=${FUZZ_BUILD:---dev}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
