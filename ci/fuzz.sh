@@ -23,6 +23,9 @@ echo "ci/fuzz.sh: targets built in $(($(date +%s) - started)) s"
 targets=${FUZZ_TARGETS:-$(cargo fuzz list)}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# The targets' temporary block stores live as long as the fuzzer: put them with the rest.
+mkdir -p "$work/tmp"
+export TMPDIR="$work/tmp"
 for t in $targets; do
     # New inputs go to a scratch directory first: the committed corpus stays as it is.
     mkdir -p "$work/$t/new"
