@@ -25,6 +25,10 @@ pub enum Slot {
         at: Tag,
         /// Its epoch is gone.
         aborted: bool,
+        /// An epoch asked for while an aborted arming still ran: armed as soon as that
+        /// one is done (arming is never run twice at once on one QEMU, and the new epoch
+        /// is not refused for a delay that is the sidecar's own).
+        then: Option<Tag>,
     },
     /// Armed and voted yes: waiting for the cut.
     Armed {
@@ -154,7 +158,12 @@ impl Slot {
         let t = |at: &Tag| format!("epoch {} of incarnation {}", at.epoch, at.inc);
         match self {
             Slot::Free => "free".into(),
-            Slot::Arming { at, aborted } => format!("arming {}{}", t(at), if *aborted { " (aborted)" } else { "" }),
+            Slot::Arming { at, aborted, then } => format!(
+                "arming {}{}{}",
+                t(at),
+                if *aborted { " (aborted)" } else { "" },
+                then.map(|n| format!(", then {}", t(&n))).unwrap_or_default()
+            ),
             Slot::Armed { at, checkpoint } => format!("armed {} (checkpoint {checkpoint})", t(at)),
             Slot::Storing { at, checkpoint } => format!("storing {} (checkpoint {checkpoint})", t(at)),
             Slot::Durable { at, checkpoint } => format!("durable {} (checkpoint {checkpoint})", t(at)),
@@ -179,6 +188,11 @@ impl Slot {
     }
 }
 
+/// A slot arming `at`, live, nothing queued.
+fn arming(at: Tag) -> Slot {
+    Slot::Arming { at, aborted: false, then: None }
+}
+
 fn refuse<T>(slot: &Slot, why: impl Into<String>) -> Result<T, Refused> {
     Err(Refused { state: slot.name(), why: why.into() })
 }
@@ -188,16 +202,16 @@ fn transition(slot: &Slot, event: SlotEvent) -> Result<(Slot, Vec<SlotEffect>), 
     use SlotEvent as Ev;
     let same = |at: &Tag| slot.tag().as_ref() == Some(at);
     Ok(match (slot, event) {
-        (Slot::Free, Ev::Prepare(at)) => (Slot::Arming { at, aborted: false }, vec![E::Arm(at)]),
+        (Slot::Free, Ev::Prepare(at)) => (arming(at), vec![E::Arm(at)]),
         // A checkpoint whose fate no one could tell stays; a new epoch goes on.
-        (Slot::Durable { .. }, Ev::Prepare(at)) => (Slot::Arming { at, aborted: false }, vec![E::Keep, E::Arm(at)]),
+        (Slot::Durable { .. }, Ev::Prepare(at)) => (arming(at), vec![E::Keep, E::Arm(at)]),
         // The abort of the armed epoch was missed (a lost message): drop it, arm anew.
-        (Slot::Armed { .. }, Ev::Prepare(at)) => {
-            (Slot::Arming { at, aborted: false }, vec![E::DropArmed, E::ReleaseGate, E::Arm(at)])
-        }
+        (Slot::Armed { .. }, Ev::Prepare(at)) => (arming(at), vec![E::DropArmed, E::ReleaseGate, E::Arm(at)]),
         // A store still running belongs to an epoch that is over: let it finish, then discard.
-        (Slot::Storing { at: old, .. }, Ev::Prepare(at)) => {
-            (Slot::Arming { at, aborted: false }, vec![E::AbandonStore(*old), E::Arm(at)])
+        (Slot::Storing { at: old, .. }, Ev::Prepare(at)) => (arming(at), vec![E::AbandonStore(*old), E::Arm(at)]),
+        // The arming of an epoch that is over still runs: arm the new one right after it.
+        (Slot::Arming { at: old, aborted: true, .. }, Ev::Prepare(at)) => {
+            (Slot::Arming { at: *old, aborted: true, then: Some(at) }, vec![])
         }
         (Slot::Arming { .. }, Ev::Prepare(at)) => {
             return Ok((
@@ -205,11 +219,17 @@ fn transition(slot: &Slot, event: SlotEvent) -> Result<(Slot, Vec<SlotEffect>), 
                 vec![E::Vote { at, yes: false, reason: Some(format!("still {}", slot.name())) }],
             ));
         }
-        (Slot::Arming { at, aborted: false }, Ev::Armed(t, Ok(checkpoint))) if *at == t => {
+        (Slot::Arming { at, aborted: false, .. }, Ev::Armed(t, Ok(checkpoint))) if *at == t => {
             (Slot::Armed { at: t, checkpoint }, vec![E::Vote { at: t, yes: true, reason: None }])
         }
-        (Slot::Arming { at, aborted: true }, Ev::Armed(t, Ok(_))) if *at == t => (Slot::Free, vec![E::DropArmed]),
-        (Slot::Arming { at, aborted }, Ev::Armed(t, Err(reason))) if *at == t => {
+        (Slot::Arming { at, aborted: true, then }, Ev::Armed(t, Ok(_))) if *at == t => match then {
+            Some(next) => (arming(*next), vec![E::DropArmed, E::Arm(*next)]),
+            None => (Slot::Free, vec![E::DropArmed]),
+        },
+        (Slot::Arming { at, aborted: true, then: Some(next) }, Ev::Armed(t, Err(_))) if *at == t => {
+            (arming(*next), vec![E::Arm(*next)])
+        }
+        (Slot::Arming { at, aborted, .. }, Ev::Armed(t, Err(reason))) if *at == t => {
             let vote = if *aborted { vec![] } else { vec![E::Vote { at: t, yes: false, reason: Some(reason) }] };
             (Slot::Free, vote)
         }
@@ -236,14 +256,19 @@ fn transition(slot: &Slot, event: SlotEvent) -> Result<(Slot, Vec<SlotEffect>), 
         (Slot::Durable { at, .. }, Ev::Commit(t)) if *at == t => (Slot::Free, vec![E::Retire]),
         (_, Ev::Commit(t)) => return refuse(slot, format!("commit of epoch {} is not this slot's", t.epoch)),
         (Slot::Arming { at, .. }, Ev::Abort(t)) if *at == t => {
-            (Slot::Arming { at: t, aborted: true }, vec![E::ReleaseGate])
+            (Slot::Arming { at: t, aborted: true, then: None }, vec![E::ReleaseGate])
+        }
+        (Slot::Arming { at, aborted, then: Some(next) }, Ev::Abort(t)) if *next == t => {
+            (Slot::Arming { at: *at, aborted: *aborted, then: None }, vec![E::ReleaseGate])
         }
         (Slot::Armed { .. }, Ev::Abort(t)) if same(&t) => (Slot::Free, vec![E::DropArmed, E::ReleaseGate]),
         (Slot::Storing { .. }, Ev::Abort(t)) if same(&t) => (Slot::Free, vec![E::AbandonStore(t), E::ReleaseGate]),
         (Slot::Durable { .. }, Ev::Abort(t)) if same(&t) => (Slot::Free, vec![E::Discard, E::ReleaseGate]),
         // The gate is released whatever the slot: an abort never leaves output held.
         (_, Ev::Abort(_)) => (slot.clone(), vec![E::ReleaseGate]),
-        (Slot::Arming { at, .. }, Ev::SessionLost) => (Slot::Arming { at: *at, aborted: true }, vec![E::ReleaseGate]),
+        (Slot::Arming { at, .. }, Ev::SessionLost) => {
+            (Slot::Arming { at: *at, aborted: true, then: None }, vec![E::ReleaseGate])
+        }
         (Slot::Armed { .. }, Ev::SessionLost) => (Slot::Free, vec![E::DropArmed, E::ReleaseGate]),
         // Storing goes on; the checkpoint's fate comes with the next Welcome.
         (_, Ev::SessionLost) => (slot.clone(), vec![E::ReleaseGate]),

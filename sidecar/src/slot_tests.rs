@@ -55,14 +55,14 @@ fn aborts_undo_whatever_is_in_flight_and_always_open_the_gate() {
     // An abort of another epoch touches nothing but the gate.
     assert_eq!(at(durable.clone(), SlotEvent::Abort(B)), (durable, vec![SlotEffect::ReleaseGate]));
     // Aborted while arming: the armed checkpoint is dropped when it arrives, with no vote.
-    let (s, _) = at(Slot::Arming { at: A, aborted: false }, SlotEvent::Abort(A));
+    let (s, _) = at(Slot::Arming { at: A, aborted: false, then: None }, SlotEvent::Abort(A));
     assert_eq!(at(s.clone(), SlotEvent::Armed(A, Ok(9))), (Slot::Free, vec![SlotEffect::DropArmed]));
     assert_eq!(at(s, SlotEvent::Armed(A, Err("x".into()))), (Slot::Free, vec![]));
 }
 
 #[test]
 fn work_of_another_epoch_or_incarnation_never_answers_for_this_one() {
-    let arming = Slot::Arming { at: A, aborted: false };
+    let arming = Slot::Arming { at: A, aborted: false, then: None };
     refused(arming.clone(), SlotEvent::Armed(OLD, Ok(3)));
     refused(arming.clone(), SlotEvent::Armed(B, Ok(3)));
     let storing = Slot::Storing { at: A, checkpoint: 9 };
@@ -100,8 +100,8 @@ fn a_new_prepare_settles_what_the_slot_holds() {
         at(Slot::Storing { at: A, checkpoint: 9 }, SlotEvent::Prepare(B)).1,
         vec![SlotEffect::AbandonStore(A), SlotEffect::Arm(B)]
     );
-    let (s, e) = at(Slot::Arming { at: A, aborted: false }, SlotEvent::Prepare(B));
-    assert_eq!(s, Slot::Arming { at: A, aborted: false });
+    let (s, e) = at(Slot::Arming { at: A, aborted: false, then: None }, SlotEvent::Prepare(B));
+    assert_eq!(s, Slot::Arming { at: A, aborted: false, then: None });
     assert!(matches!(&e[..], [SlotEffect::Vote { at, yes: false, .. }] if *at == B));
 }
 
@@ -117,4 +117,34 @@ fn a_lost_session_keeps_stored_work_and_the_welcome_decides_it() {
     assert_eq!(at(durable.clone(), welcome(vec![8], vec![9])), (Slot::Free, vec![SlotEffect::Discard]));
     // Neither committed nor named aborted (an unknown or empty catalog): nothing is deleted.
     assert_eq!(at(durable.clone(), welcome(vec![], vec![])), (durable, vec![]));
+}
+
+#[test]
+fn an_epoch_asked_for_while_an_aborted_arming_runs_is_armed_right_after_it() {
+    let aborted = Slot::Arming { at: A, aborted: true, then: None };
+    // Not refused: queued behind the arming still on the QEMU.
+    let (s, e) = at(aborted.clone(), SlotEvent::Prepare(B));
+    assert_eq!((s.clone(), e), (Slot::Arming { at: A, aborted: true, then: Some(B) }, vec![]));
+    assert!(s.name().contains("then epoch 6"), "{}", s.name());
+    // The old arming's checkpoint is dropped and the new epoch armed.
+    let (next, e) = at(s.clone(), SlotEvent::Armed(A, Ok(9)));
+    assert_eq!(
+        (next.clone(), e),
+        (Slot::Arming { at: B, aborted: false, then: None }, vec![SlotEffect::DropArmed, SlotEffect::Arm(B)])
+    );
+    // Which then votes yes as usual.
+    let (_, e) = at(next, SlotEvent::Armed(B, Ok(10)));
+    assert_eq!(e, vec![SlotEffect::Vote { at: B, yes: true, reason: None }]);
+    // A failed old arming arms the new epoch too.
+    assert_eq!(
+        at(s.clone(), SlotEvent::Armed(A, Err("x".into()))),
+        (Slot::Arming { at: B, aborted: false, then: None }, vec![SlotEffect::Arm(B)])
+    );
+    // The queued epoch aborted before its turn: nothing is armed for it.
+    let (s, e) = at(s, SlotEvent::Abort(B));
+    assert_eq!((s.clone(), e), (aborted, vec![SlotEffect::ReleaseGate]));
+    assert_eq!(at(s, SlotEvent::Armed(A, Ok(9))), (Slot::Free, vec![SlotEffect::DropArmed]));
+    // A lost session forgets the queued epoch.
+    let queued = Slot::Arming { at: A, aborted: true, then: Some(B) };
+    assert_eq!(at(queued, SlotEvent::SessionLost).0, Slot::Arming { at: A, aborted: true, then: None });
 }
