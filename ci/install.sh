@@ -2,8 +2,18 @@
 # Installs what cutline needs on a Debian bookworm machine, idempotently:
 # QEMU >= 10 (bookworm-backports) with qemu-utils (qemu-img, qemu-io, qemu-nbd), the guest kernel (linux-image-cloud-amd64),
 # busybox-static, iproute2, zstd, and cargo-nextest if missing.
+# With --with-garage, also Garage 2.5 (the tests' replicated object store), built from
+# crates.io with cargo install: about 9 minutes on 2 cores, once per machine.
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
+
+with_garage=false
+for arg in "$@"; do
+  case "$arg" in
+    --with-garage) with_garage=true ;;
+    *) echo "ci/install.sh: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
 
 need_root() {
   if [ "$(id -u)" -ne 0 ]; then
@@ -55,5 +65,9 @@ have_kernel || { echo "ci/install.sh: no /boot/vmlinuz-*cloud-amd64 after instal
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
+fi
+if $with_garage && ! { command -v garage >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/garage" ]; }; then
+  echo "ci/install.sh: building Garage 2.5 (cargo install garage, about 9 minutes on 2 cores)"
+  cargo install --locked garage --version 2.5.0
 fi
 echo "ci/install.sh: ready: $(qemu-system-x86_64 --version | head -1); kernel $(ls /boot/vmlinuz-*cloud-amd64 | head -1)"

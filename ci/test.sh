@@ -3,7 +3,7 @@
 # then runs lints and every test (unit tests and integration tests against real QEMU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./ci/install.sh
+./ci/install.sh --with-garage
 started=$(date +%s)
 cargo build --workspace --all-targets --locked
 cargo clippy --workspace --all-targets --locked --quiet -- -D warnings

@@ -7,6 +7,7 @@
 pub mod accel;
 pub mod chaos;
 pub mod control;
+pub mod garage;
 pub mod guest;
 pub mod image;
 pub mod mount;

@@ -166,7 +166,9 @@ async fn a_fresh_coordinator_state_deletes_no_checkpoint() -> anyhow::Result<()>
     loop {
         let s = c.cli(&["--coordinator", &c.state.join("cutline.sock").display().to_string(), "status"]).await;
         if let Ok(v) = s
-            && v["members"].as_array().is_some_and(|m| m.len() == names.len() && m.iter().all(|x| x["connected"] == true))
+            && v["members"]
+                .as_array()
+                .is_some_and(|m| m.len() == names.len() && m.iter().all(|x| x["connected"] == true))
         {
             break;
         }
@@ -287,9 +289,8 @@ async fn a_restore_killed_midway_finishes_and_never_runs_a_vm_twice() -> anyhow:
 async fn a_second_sidecar_or_coordinator_is_refused() -> anyhow::Result<()> {
     let c = cluster().await?;
     let s = commits(&c, 0, 1).await?;
-    let run = |args: Vec<String>| {
-        std::process::Command::new(&args[0]).args(&args[1..]).env("RUST_LOG", "error").output()
-    };
+    let run =
+        |args: Vec<String>| std::process::Command::new(&args[0]).args(&args[1..]).env("RUST_LOG", "error").output();
     let sidecar = cutline_tests::workspace_bin("cutline-sidecar")?.display().to_string();
     let out = run(vec![
         sidecar,
