@@ -4,8 +4,9 @@
 //! The cut: `stop`; one `transaction` that starts a backup job per writable disk
 //! (incremental from the dirty bitmap of the checkpoint it builds on, full otherwise)
 //! and adds the bitmap the next checkpoint will build on; `migrate` with
-//! `background-snapshot` into a pipe (QEMU saves device state and write-protects RAM);
-//! `cont` as soon as RAM pages flow, which QEMU sends only once write tracking is on.
+//! `background-snapshot` into a mapped-ram file, or a pipe without mapped-ram (QEMU saves
+//! device state and write-protects RAM; see `checkpoint/sink.rs`); `cont` as soon as RAM pages flow,
+//! which QEMU writes only once write tracking is on.
 //! RAM is then saved while the guest runs. Without `background-snapshot` (old QEMU, no
 //! userfaultfd write-protect, shared or hugepage memory) the whole migration runs while
 //! paused (stop-and-copy), and the report says so in `mode`.
