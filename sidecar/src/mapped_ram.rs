@@ -300,7 +300,9 @@ pub struct Repaired {
 /// page area: a page holding data is present, a hole stays absent (the loader leaves it
 /// as the incoming QEMU allocated it, zero, exactly as for the zero pages QEMU itself
 /// leaves out of mapped-ram files). Bitmaps QEMU wrote are left as they are. The file
-/// must have been written fresh by one migration (no stale data in its holes).
+/// must be fresh and written by one pass over RAM (a background snapshot, or
+/// stop-and-copy of a paused guest): in a live precopy a page saved and later found zero
+/// keeps its stale data in the file with its bit cleared.
 pub fn repair(path: &Path) -> Result<Vec<Repaired>, MappedRamError> {
     let read_err = |source| MappedRamError::Read { path: path.to_owned(), source };
     let f = File::options().read(true).write(true).open(path).map_err(read_err)?;
