@@ -4,8 +4,9 @@
 //! The cut: `stop`; one `transaction` that starts a backup job per writable disk
 //! (incremental from the dirty bitmap of the checkpoint it builds on, full otherwise)
 //! and adds the bitmap the next checkpoint will build on; `migrate` with
-//! `background-snapshot` into a pipe (QEMU saves device state and write-protects RAM);
-//! `cont` as soon as RAM pages flow, which QEMU sends only once write tracking is on.
+//! `background-snapshot` into a mapped-ram file, or a pipe without mapped-ram (QEMU saves
+//! device state and write-protects RAM; see `checkpoint/sink.rs`); `cont` as soon as RAM pages flow,
+//! which QEMU writes only once write tracking is on.
 //! RAM is then saved while the guest runs. Without `background-snapshot` (old QEMU, no
 //! userfaultfd write-protect, shared or hugepage memory) the whole migration runs while
 //! paused (stop-and-copy), and the report says so in `mode`.
@@ -17,26 +18,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use qmp_client::{EventStream, Qmp, QmpError};
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::sync::watch;
 
 use crate::attach::{self, AttachError, DiskInfo, VmIdentity};
 use crate::disk::{self, CHUNK, DiskError};
-use crate::memory;
-use crate::store::manifest::{Backing, Disk, FORMAT, Manifest, Stream, Timings, ZERO};
+use crate::mapped_ram::MappedRamError;
+use crate::store::manifest::{Backing, Disk, FORMAT, Manifest, Timings, ZERO};
 use crate::store::{BlockError, Hash, Lock, Policy, Store, StoreError, hash_file};
 
-/// Stream bytes after which RAM pages flow. Before write tracking starts QEMU writes only
-/// the stream header and setup sections (192 bytes for a plain PC guest, a few KiB with
-/// many RAM blocks). Should a guest's setup ever exceed this, `cont` would come before
-/// QEMU's own stop for the snapshot; the STOP that follows is caught below and the
-/// checkpoint aborted, never committed inconsistent.
-const RAM_FLOWING: u64 = 16 << 10;
+mod sink;
+use sink::{FD_NAME, Sink};
+
 /// Prefix of the dirty bitmaps cutline owns; the suffix is the checkpoint id.
 pub const BITMAP_PREFIX: &str = "cutline-";
-const FD_NAME: &str = "cutline-migration";
-/// Pipe capacity for the migration stream (the default is 64 KiB).
-const PIPE_BYTES: i32 = 1 << 20;
-
 /// Errors of a checkpoint. After any of them the guest runs (unless QEMU itself is
 /// gone) and every earlier checkpoint is intact.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +52,9 @@ pub enum CheckpointError {
     /// Saving memory failed (e.g. the store's disk is full).
     #[error("saving memory and device state failed")]
     Memory(#[source] BlockError),
+    /// The mapped-ram file QEMU wrote could not be read or repaired.
+    #[error("the mapped-ram file of the migration is unusable")]
+    MemoryFile(#[source] MappedRamError),
     /// Migration failed inside QEMU.
     #[error("QEMU's migration failed: {0}")]
     Migration(String),
@@ -104,6 +100,8 @@ pub struct Options {
     pub full: bool,
     /// Use stop-and-copy even when `background-snapshot` works.
     pub stop_and_copy: bool,
+    /// Send memory as a sequential stream even when QEMU supports `mapped-ram`.
+    pub stream_memory: bool,
 }
 
 /// What a checkpoint reports (the CLI's JSON).
@@ -459,7 +457,8 @@ impl Prepared {
     /// Gives the armed checkpoint up: targets and capabilities undone, the guest untouched.
     pub async fn abort(self) {
         let Prepared { qmp, store, undo, shared, armed, .. } = self;
-        if let Sink::Pipe { saver: Some(saver), .. } = armed.sink {
+        let mut sink = armed.sink;
+        if let Some(saver) = sink.take_saver() {
             saver.abort();
         }
         drop(shared);
@@ -528,7 +527,8 @@ impl Pending {
     /// blocks it stored deleted when nothing else uses them.
     pub async fn abort(self) {
         let Pending { qmp, store, cut, mut undo, shared, .. } = self;
-        if let Sink::Pipe { saver: Some(saver), .. } = cut.sink {
+        let mut sink = cut.sink;
+        if let Some(saver) = sink.take_saver() {
             undo.migrating = true;
             saver.abort();
         }
@@ -632,12 +632,10 @@ async fn arm(
         .await
         .map_err(qemu("set migration capabilities"))?;
 
-    // Where QEMU writes memory and device state: for stop-and-copy a mapped-ram file when
-    // QEMU supports it (pages at fixed offsets, so blocks line up across checkpoints),
-    // else the sequential stream through a pipe. (QEMU 10.0 writes background-snapshot
-    // + mapped-ram files that it then fails to load: "error while loading state ...
-    // kvm-tpr-opt"; so background snapshots stream.)
-    let sink = open_sink(qmp, store, name, id, &policy, !background).await?;
+    // Where QEMU writes memory and device state: a mapped-ram file when QEMU supports it
+    // (pages at fixed offsets, so blocks line up across checkpoints), else the
+    // sequential stream through a pipe.
+    let sink = sink::open(qmp, store, name, id, &policy, !opts.stream_memory).await?;
     match &sink {
         Sink::File { path, fdset } => undo.file = Some((*fdset, path.clone())),
         Sink::Pipe { .. } => undo.pipe = true,
@@ -1011,137 +1009,6 @@ fn plan_disks(
     Ok(plans)
 }
 
-/// Where QEMU writes the migration.
-enum Sink {
-    /// A mapped-ram file in the store's work directory, passed to QEMU as an fd set.
-    File { path: PathBuf, fdset: i64 },
-    /// A pipe read by a task that stores content-defined chunks as they come.
-    Pipe { saver: Option<tokio::task::JoinHandle<SaverOut>>, count: watch::Receiver<u64> },
-}
-
-/// Sets the migration format and opens where it goes.
-async fn open_sink(
-    qmp: &Qmp,
-    store: &Store,
-    name: &str,
-    id: u64,
-    policy: &Policy,
-    mapped_ram: bool,
-) -> Result<Sink, CheckpointError> {
-    let mapped = qmp
-        .execute_raw(
-            "migrate-set-capabilities",
-            json!({"capabilities": [{"capability": "mapped-ram", "state": mapped_ram}]}),
-        )
-        .await
-        .and_then(|v| {
-            if mapped_ram {
-                Ok(v)
-            } else {
-                Err(QmpError::Qemu { command: "mapped-ram".into(), class: "Unwanted".into(), desc: String::new() })
-            }
-        });
-    match mapped {
-        Ok(_) => {
-            let path = store.tmp().join(format!("{name}-{id}.ram"));
-            let file = crate::store::private::create(&path).map_err(|source| {
-                CheckpointError::Store(StoreError::Io { what: "cannot create", path: path.clone(), source })
-            })?;
-            let info = qmp
-                .add_fd(std::os::fd::AsFd::as_fd(&file), None, Some("cutline migration"))
-                .await
-                .map_err(qemu("pass the migration file"))?;
-            let fdset = info["fdset-id"].as_i64().unwrap_or(0);
-            Ok(Sink::File { path, fdset })
-        }
-        Err(QmpError::Qemu { .. }) => {
-            tracing::debug!("mapped-ram unavailable; streaming through a pipe");
-            let (read_end, write_end) = nix::unistd::pipe().map_err(|e| {
-                CheckpointError::Memory(BlockError::Write {
-                    hash: "(pipe)".into(),
-                    path: "pipe".into(),
-                    source: e.into(),
-                })
-            })?;
-            // A larger pipe lets QEMU run ahead of the store by more than 64 KiB.
-            let _ = nix::fcntl::fcntl(
-                std::os::fd::AsRawFd::as_raw_fd(&write_end),
-                nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES),
-            );
-            qmp.getfd(FD_NAME, std::os::fd::AsFd::as_fd(&write_end)).await.map_err(qemu("pass the migration pipe"))?;
-            drop(write_end);
-            let (count_tx, count) = watch::channel(0u64);
-            let blocks = store.blocks().clone();
-            let mut saver_policy = policy.clone();
-            let saver = tokio::task::spawn_blocking(move || {
-                let mut created = Vec::new();
-                let r = memory::save_stream(read_end, &blocks, &mut saver_policy, count_tx, &mut created);
-                SaverOut { result: r, policy: saver_policy, created }
-            });
-            Ok(Sink::Pipe { saver: Some(saver), count })
-        }
-        Err(e) => Err(qemu("enable mapped-ram")(e)),
-    }
-}
-
-impl Sink {
-    fn uri(&self) -> String {
-        match self {
-            Sink::File { fdset, .. } => format!("file:/dev/fdset/{fdset}"),
-            Sink::Pipe { .. } => format!("fd:{FD_NAME}"),
-        }
-    }
-
-    /// Resolves once RAM pages are being written, which QEMU does only after the device
-    /// state is saved and RAM is write-protected.
-    async fn ram_flowing(&mut self) {
-        match self {
-            Sink::Pipe { count, .. } => {
-                let _ = count.wait_for(|n| *n >= RAM_FLOWING).await;
-            }
-            Sink::File { path, .. } => {
-                let path = path.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    use std::os::unix::fs::MetadataExt;
-                    let start = Instant::now();
-                    while start.elapsed() < Duration::from_secs(30) {
-                        if std::fs::metadata(&path).is_ok_and(|m| m.blocks() * 512 >= RAM_FLOWING + (64 << 10)) {
-                            return;
-                        }
-                        std::thread::sleep(Duration::from_micros(100));
-                    }
-                })
-                .await;
-            }
-        }
-    }
-
-    /// After the migration completed: the stored stream.
-    async fn collect(&mut self, qmp: &Qmp, store: &Store, policy: Policy) -> Result<SaverOut, CheckpointError> {
-        match self {
-            Sink::Pipe { saver, .. } => {
-                let task =
-                    saver.take().ok_or_else(|| CheckpointError::Migration("saver task already consumed".into()))?;
-                task.await.map_err(|e| CheckpointError::Migration(format!("saver task: {e}")))
-            }
-            Sink::File { path, fdset } => {
-                let _ = qmp.execute_raw("remove-fd", json!({"fdset-id": fdset})).await;
-                let (path, blocks) = (path.clone(), store.blocks().clone());
-                let mut policy = policy;
-                let out = tokio::task::spawn_blocking(move || {
-                    let mut created = Vec::new();
-                    let r = memory::save_file(&path, &blocks, &mut policy, &mut created);
-                    let _ = std::fs::remove_file(&path);
-                    SaverOut { result: r, policy, created }
-                })
-                .await
-                .map_err(|e| CheckpointError::Migration(format!("saver task: {e}")))?;
-                Ok(out)
-            }
-        }
-    }
-}
-
 /// QMP events with a backlog: a wait takes the first matching event, seen before or
 /// arriving now, and keeps the others for later waits. Cancel-safe (usable in `select!`).
 struct Events {
@@ -1183,8 +1050,7 @@ impl Events {
 /// Why the migration failed: the saver's own error when it stopped reading (the store
 /// failed, e.g. its disk is full), else QEMU's description.
 async fn migration_failed(qmp: &Qmp, sink: &mut Sink, undo: &mut Undo) -> CheckpointError {
-    if let Sink::Pipe { saver, .. } = sink
-        && let Some(task) = saver.take()
+    if let Some(task) = sink.take_saver()
         && let Ok(Ok(out)) = tokio::time::timeout(Duration::from_secs(5), task).await
     {
         undo.created.extend(out.created);
@@ -1193,13 +1059,6 @@ async fn migration_failed(qmp: &Qmp, sink: &mut Sink, undo: &mut Undo) -> Checkp
         }
     }
     CheckpointError::Migration(migration_error(qmp).await)
-}
-
-/// What the task saving the migration stream hands back.
-struct SaverOut {
-    result: Result<Stream, BlockError>,
-    policy: Policy,
-    created: Vec<Hash>,
 }
 
 async fn migration_error(qmp: &Qmp) -> String {

@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod disk;
 pub mod failpoint;
 pub mod leftovers;
+pub mod mapped_ram;
 pub mod memory;
 pub mod nbd;
 pub mod process;

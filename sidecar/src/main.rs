@@ -73,6 +73,9 @@ enum Cmd {
         /// Use stop-and-copy instead of background-snapshot.
         #[arg(long)]
         stop_and_copy: bool,
+        /// Send memory as a sequential stream, not a mapped-ram file.
+        #[arg(long)]
+        stream_memory: bool,
     },
     /// Restore a checkpoint: relaunch QEMU with the recorded argv and the saved state.
     Restore {
@@ -215,11 +218,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 ),
             );
         }
-        Cmd::Checkpoint { qmp, store, name: n, full, stop_and_copy } => {
+        Cmd::Checkpoint { qmp, store, name: n, full, stop_and_copy, stream_memory } => {
             let n = name(&n)?;
             let store = Store::open(&store)?;
             let q = attach::connect(&qmp).await?;
-            let opts = checkpoint::Options { full, stop_and_copy };
+            let opts = checkpoint::Options { full, stop_and_copy, stream_memory };
             let m = checkpoint::checkpoint(&q, &store, n.as_str(), &opts, &mut progress).await?;
             let r = checkpoint::Report::of(&m);
             print(

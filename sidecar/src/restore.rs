@@ -41,6 +41,17 @@ pub enum RestoreError {
         #[source]
         source: BlockError,
     },
+    /// The rebuilt mapped-ram file would load no RAM (or not all of it).
+    #[error("checkpoint {id} of {name}: its memory file cannot be loaded")]
+    MemoryFile {
+        /// VM name.
+        name: String,
+        /// Checkpoint id.
+        id: u64,
+        /// What is wrong with it.
+        #[source]
+        source: crate::mapped_ram::MappedRamError,
+    },
     /// The backing image changed since the checkpoint.
     #[error("backing image {file} changed since the checkpoint (sha256 {actual}, recorded {recorded})")]
     BackingChanged {
@@ -274,10 +285,15 @@ pub async fn restore_with(
         progress(&format!("rebuilding the {} MiB memory file", m.memory.bytes >> 20));
         work.files.push(path.clone());
         let (p, blocks, stream) = (path.clone(), store.blocks().clone(), m.memory.clone());
-        let r = tokio::task::spawn_blocking(move || memory::restore_file(&p, &blocks, &stream))
-            .await
-            .map_err(|e| RestoreError::Relaunch(format!("memory task: {e}")))?;
-        r.map_err(|source| RestoreError::Damaged { name: name.to_owned(), id, source })?;
+        let r = tokio::task::spawn_blocking(move || {
+            memory::restore_file(&p, &blocks, &stream)?;
+            // QEMU 10.0 loads no RAM from a file whose page bitmaps are empty, and says nothing.
+            Ok(crate::mapped_ram::check(&p).map(|_| ()))
+        })
+        .await
+        .map_err(|e| RestoreError::Relaunch(format!("memory task: {e}")))?;
+        r.map_err(|source| RestoreError::Damaged { name: name.to_owned(), id, source })?
+            .map_err(|source| RestoreError::MemoryFile { name: name.to_owned(), id, source })?;
         Some(path)
     } else {
         None
