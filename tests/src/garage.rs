@@ -207,14 +207,30 @@ impl Garage {
     pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
         self.run_node(i)?;
         Self::retry(Duration::from_secs(30), || self.cli(i, &["status"]).map(|_| ()))
+            .with_context(|| format!("garage node {i} did not come back; its log ends:\n{}", self.log_tail(i)))
     }
 
-    /// Kills node `i`, deletes its data directory (its blocks; its metadata stays) and
-    /// starts it again.
-    pub fn wipe_data(&mut self, i: usize) -> anyhow::Result<()> {
+    /// Kills node `i`, deletes every block in its data directory (all but the
+    /// `garage-marker` Garage refuses to start without; its metadata stays) and starts it
+    /// again. Returns how many block files went.
+    pub fn wipe_data(&mut self, i: usize) -> anyhow::Result<usize> {
         self.kill(i)?;
-        std::fs::remove_dir_all(&self.nodes[i].data)?;
-        self.restart(i)
+        let mut removed = 0;
+        for e in std::fs::read_dir(&self.nodes[i].data)? {
+            let e = e?;
+            if e.file_name() == "garage-marker" {
+                continue;
+            }
+            if e.file_type()?.is_dir() {
+                removed += count_files(&e.path());
+                std::fs::remove_dir_all(e.path())?;
+            } else {
+                removed += 1;
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        self.restart(i)?;
+        Ok(removed)
     }
 
     /// The last lines of node `i`'s log, for failure messages.
@@ -223,6 +239,15 @@ impl Garage {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
+}
+
+fn count_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| if e.path().is_dir() { count_files(&e.path()) } else { 1 })
+        .sum()
 }
 
 impl Drop for Garage {
