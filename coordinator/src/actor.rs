@@ -294,7 +294,9 @@ impl Actor {
     }
 
     fn committed(&mut self, epoch: u64, members: &[String]) {
-        self.catalog.prune(self.cfg.keep.max(1));
+        // Deleting old records talks to the store: off the actor loop.
+        let (catalog, keep) = (self.catalog.clone(), self.cfg.keep.max(1));
+        tokio::task::spawn_blocking(move || catalog.prune(keep));
         for n in members {
             let keep = self.committed_ids(n);
             self.send_one(n, Msg::Commit { epoch, keep });

@@ -57,6 +57,12 @@ enum Cmd {
         /// Committed epochs kept.
         #[arg(long, default_value_t = 2)]
         keep: usize,
+        /// Write commit records to this object store (s3://BUCKET/PREFIX, with
+        /// CUTLINE_S3_ENDPOINT, CUTLINE_S3_REGION and credentials from
+        /// CUTLINE_S3_CREDENTIALS_FILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY; or a
+        /// directory) rather than under --state.
+        #[arg(long, env = "CUTLINE_RECORDS", value_name = "STORE")]
+        records: Option<String>,
         /// What a failure rolls back.
         #[arg(long, value_enum, default_value = "cluster")]
         rollback: Rollback,
@@ -158,6 +164,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             max_connections,
             interval,
             keep,
+            records,
             rollback,
             output_commit,
             heartbeat,
@@ -181,6 +188,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             cfg.max_connections = max_connections.max(1);
             cfg.interval = interval;
             cfg.keep = keep.max(1);
+            cfg.records = records.as_deref().map(cutline_objects::Location::from_env).transpose()?;
             cfg.rollback = rollback;
             cfg.output_commit = output_commit;
             cfg.heartbeat = heartbeat;

@@ -1,9 +1,12 @@
 //! Commit records: the durable catalog of a cluster's committed epochs. Writing an
-//! epoch's record (temp file, fsync, rename, fsync of the directory) is its commit point.
+//! epoch's record (a create-only object write, durable before it returns) is its commit
+//! point.
 
-use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use cutline_objects::{Objects, ObjectsError};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -79,28 +82,38 @@ pub struct Record {
 /// Errors of the catalog.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    /// A file operation failed.
-    #[error("{what} {path}")]
-    Io {
-        /// What.
-        what: &'static str,
-        /// Where.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] ObjectsError),
     /// A record of that epoch exists already: records are never overwritten.
-    #[error("commit record {path} exists already: records are never overwritten")]
+    #[error("commit record {key} exists already: records are never overwritten")]
     Exists {
-        /// The file.
-        path: PathBuf,
+        /// The object.
+        key: String,
+    },
+    /// Two records for one epoch: two coordinators committed on one store. Neither is
+    /// trusted until an operator removes the wrong one.
+    #[error(
+        "epoch {epoch} has two commit records, {keys:?}: two coordinators committed on one store; \
+         stop one and remove the record of the other"
+    )]
+    Duplicate {
+        /// The epoch.
+        epoch: u64,
+        /// Its records.
+        keys: Vec<String>,
+    },
+    /// No record of that epoch.
+    #[error("no commit record of epoch {epoch}")]
+    NotFound {
+        /// The epoch.
+        epoch: u64,
     },
     /// A record is damaged or of another format.
-    #[error("commit record {path} is unusable: {why}")]
+    #[error("commit record {key} is unusable: {why}")]
     Bad {
-        /// The file.
-        path: PathBuf,
+        /// The object.
+        key: String,
         /// Why.
         why: String,
     },
@@ -153,96 +166,172 @@ impl Record {
     }
 }
 
-/// The records of one cluster, in `DIR/epochs/`.
+/// The records of one cluster: objects `epochs/EPOCH-INCARNATION.json` in a store (the
+/// state directory's, or the object store the sidecars use). The record's write is the
+/// epoch's commit point; its key names the incarnation that wrote it, so that two
+/// coordinators on a store whose server ignores create-only writes never overwrite each
+/// other's record: they leave two, which are found and refused loudly.
+///
+/// The records of the kept epochs are cached: the coordinator's actor reads them without
+/// touching the store.
 #[derive(Debug, Clone)]
 pub struct Catalog {
-    dir: PathBuf,
+    objects: Objects,
+    incarnation: u64,
+    cache: Arc<Mutex<BTreeMap<u64, (String, Record)>>>,
+    /// Records whose write failed but may have landed (a server that stored it on fewer
+    /// replicas than it promised, and heals later): deleted, again until it works, so an
+    /// aborted epoch never surfaces as committed.
+    doubtful: Arc<Mutex<Vec<String>>>,
+}
+
+const PREFIX: &str = "epochs/";
+
+/// `epochs/0000000007-0000000003.json`, or the first format's `epochs/0000000007.json`
+/// (incarnation 0): the epoch and incarnation.
+fn parse_key(key: &str) -> Option<(u64, u64)> {
+    let name = key.strip_prefix(PREFIX)?.strip_suffix(".json")?;
+    match name.split_once('-') {
+        Some((e, i)) => Some((e.parse().ok()?, i.parse().ok()?)),
+        None => Some((name.parse().ok()?, 0)),
+    }
 }
 
 impl Catalog {
-    /// The catalog under `dir`, created if needed.
-    pub fn open(dir: &Path) -> Result<Catalog, RecordError> {
-        let epochs = dir.join("epochs");
-        sidecar::store::private::create_dir_all(&epochs).map_err(|source| RecordError::Io {
-            what: "cannot create",
-            path: epochs.clone(),
-            source,
-        })?;
-        Ok(Catalog { dir: epochs })
+    /// The catalog in `objects`, for incarnation `incarnation`: reads every record, and
+    /// refuses a store where an epoch has two.
+    pub fn open(objects: Objects, incarnation: u64) -> Result<Catalog, RecordError> {
+        let mut by_epoch: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        for m in objects.list(PREFIX)? {
+            if let Some((epoch, _)) = parse_key(&m.key) {
+                by_epoch.entry(epoch).or_default().push(m.key);
+            }
+        }
+        let mut cache = BTreeMap::new();
+        for (epoch, keys) in by_epoch {
+            if keys.len() > 1 {
+                return Err(RecordError::Duplicate { epoch, keys });
+            }
+            let key = keys.into_iter().next().unwrap_or_default();
+            let record = read_record(&objects, &key)?;
+            cache.insert(epoch, (key, record));
+        }
+        Ok(Catalog { objects, incarnation, cache: Arc::new(Mutex::new(cache)), doubtful: Arc::default() })
     }
 
-    fn path(&self, epoch: u64) -> PathBuf {
-        self.dir.join(format!("{epoch:010}.json"))
+    /// The catalog of a local state directory (`DIR/epochs/`).
+    pub fn open_dir(dir: &Path, incarnation: u64) -> Result<Catalog, RecordError> {
+        Catalog::open(Objects::Local(cutline_objects::Local::open(dir)?), incarnation)
     }
 
-    /// Committed epoch numbers, oldest first. Temp files of an interrupted commit are not records.
+    fn cache(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, (String, Record)>> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Committed epoch numbers, oldest first.
     pub fn epochs(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = std::fs::read_dir(&self.dir)
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).and_then(|n| n.parse().ok()))
-            .collect();
-        v.sort_unstable();
-        v
+        self.cache().keys().copied().collect()
     }
 
-    /// Reads and checks a record.
+    /// The record of `epoch`.
     pub fn read(&self, epoch: u64) -> Result<Record, RecordError> {
-        let path = self.path(epoch);
-        let data = std::fs::read(&path).map_err(|source| RecordError::Io {
-            what: "cannot read",
-            path: path.clone(),
-            source,
-        })?;
-        Record::from_bytes(&data).map_err(|e| RecordError::Bad { path, why: e.to_string() })
+        self.cache().get(&epoch).map(|(_, r)| r.clone()).ok_or(RecordError::NotFound { epoch })
+    }
+
+    /// Reads the record of `epoch` from the store again, checking it.
+    pub fn reread(&self, epoch: u64) -> Result<Record, RecordError> {
+        let key = self.cache().get(&epoch).map(|(k, _)| k.clone()).ok_or(RecordError::NotFound { epoch })?;
+        read_record(&self.objects, &key)
     }
 
     /// The newest committed records, newest last, at most `n`.
     pub fn newest(&self, n: usize) -> Vec<Record> {
-        let epochs = self.epochs();
-        epochs.iter().rev().take(n).rev().filter_map(|e| self.read(*e).ok()).collect()
+        let cache = self.cache();
+        let mut v: Vec<Record> = cache.values().rev().take(n).map(|(_, r)| r.clone()).collect();
+        v.reverse();
+        v
     }
 
-    /// Commits `record`: temp file, fsync, link into place (which fails if a record of
-    /// that epoch exists: never overwritten), fsync of the directory.
+    /// The store, for messages.
+    pub fn describe(&self) -> String {
+        self.objects.describe()
+    }
+
+    /// Commits `record`: a create-only write (never an overwrite), durable when it
+    /// returns; then a listing of the epoch's records, refusing a second one.
     pub fn commit(&self, record: &mut Record) -> Result<(), RecordError> {
         record.seal();
-        let path = self.path(record.epoch);
-        let tmp = self.dir.join(format!(".{}-{}.tmp", record.epoch, std::process::id()));
-        let io = |what: &'static str, p: &Path| {
-            let p = p.to_owned();
-            move |source| RecordError::Io { what, path: p, source }
-        };
-        let mut f = sidecar::store::private::create(&tmp).map_err(io("cannot create", &tmp))?;
-        let data = record.to_bytes().map_err(|e| RecordError::Bad { path: path.clone(), why: e.to_string() })?;
-        f.write_all(&data).map_err(io("cannot write", &tmp))?;
-        f.sync_all().map_err(io("cannot sync", &tmp))?;
-        let linked = std::fs::hard_link(&tmp, &path);
-        let _ = std::fs::remove_file(&tmp);
-        match linked {
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(RecordError::Exists { path }),
-            r => r.map_err(io("cannot link into place", &path))?,
+        let key = format!("{PREFIX}{:010}-{:010}.json", record.epoch, self.incarnation);
+        if self.cache().contains_key(&record.epoch) {
+            return Err(RecordError::Exists { key });
         }
-        // A record that may not be durable must not outlive the abort its failure causes.
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|source| {
-            let _ = std::fs::remove_file(&path);
-            RecordError::Io { what: "cannot sync", path: self.dir.clone(), source }
-        })
+        let data = record.to_bytes().map_err(|e| RecordError::Bad { key: key.clone(), why: e.to_string() })?;
+        self.retry_doubtful();
+        match self.objects.put_new(&key, &data) {
+            Ok(_) => {}
+            Err(ObjectsError::Exists { .. }) => return Err(RecordError::Exists { key }),
+            Err(e) => {
+                self.doubtful.lock().unwrap_or_else(|e| e.into_inner()).push(key);
+                self.retry_doubtful();
+                return Err(e.into());
+            }
+        }
+        let keys: Vec<String> = self
+            .objects
+            .list(&format!("{PREFIX}{:010}", record.epoch))?
+            .into_iter()
+            .filter(|m| parse_key(&m.key).is_some_and(|(e, _)| e == record.epoch))
+            .map(|m| m.key)
+            .collect();
+        if keys.len() > 1 {
+            tracing::error!(
+                epoch = record.epoch,
+                ?keys,
+                "two commit records for one epoch: two coordinators on one store"
+            );
+            return Err(RecordError::Duplicate { epoch: record.epoch, keys });
+        }
+        self.cache().insert(record.epoch, (key, record.clone()));
+        Ok(())
     }
 
-    /// Removes records beyond the newest `keep`, and leftover temp files.
-    pub fn prune(&self, keep: usize) {
-        let epochs = self.epochs();
-        for e in epochs.iter().take(epochs.len().saturating_sub(keep)) {
-            let _ = std::fs::remove_file(self.path(*e));
+    /// Deletes the records whose write failed; those that cannot be deleted yet stay
+    /// doubtful. Returns how many remain.
+    pub fn retry_doubtful(&self) -> usize {
+        let keys = std::mem::take(&mut *self.doubtful.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut left = Vec::new();
+        for key in keys {
+            if let Err(e) = self.objects.delete(&key) {
+                tracing::warn!("a record whose write failed cannot be deleted yet: {key}: {e}");
+                left.push(key);
+            }
         }
-        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
-            if e.file_name().to_string_lossy().ends_with(".tmp") {
-                let _ = std::fs::remove_file(e.path());
+        let n = left.len();
+        self.doubtful.lock().unwrap_or_else(|e| e.into_inner()).extend(left);
+        n
+    }
+
+    /// Removes records beyond the newest `keep`.
+    pub fn prune(&self, keep: usize) {
+        self.retry_doubtful();
+        let gone: Vec<(u64, String)> = {
+            let cache = self.cache();
+            cache.iter().take(cache.len().saturating_sub(keep)).map(|(e, (k, _))| (*e, k.clone())).collect()
+        };
+        for (epoch, key) in gone {
+            match self.objects.delete(&key) {
+                Ok(()) => {
+                    self.cache().remove(&epoch);
+                }
+                Err(e) => tracing::warn!(epoch, "cannot prune record {key}: {e}"),
             }
         }
     }
+}
+
+fn read_record(objects: &Objects, key: &str) -> Result<Record, RecordError> {
+    let data = objects.get(key)?;
+    Record::from_bytes(&data).map_err(|e| RecordError::Bad { key: key.to_owned(), why: e.to_string() })
 }
 
 #[cfg(test)]
@@ -266,21 +355,43 @@ mod tests {
     #[test]
     fn commit_read_prune_and_ignore_half_written() {
         let d = tempfile::tempdir().expect("tempdir");
-        let c = Catalog::open(d.path()).expect("open");
+        let c = Catalog::open_dir(d.path(), 1).expect("open");
         for e in 1..=4 {
             c.commit(&mut record(e)).expect("commit");
         }
-        // A crash mid-commit leaves a temp file: not a record.
+        // A crash mid-commit leaves a temp file: not a record. The first format's names
+        // (no incarnation) still read.
         std::fs::write(d.path().join("epochs/.5.tmp"), b"{\"format\":1").expect("write");
-        assert_eq!(c.epochs(), vec![1, 2, 3, 4]);
+        let mut old = record(5);
+        old.seal();
+        std::fs::write(d.path().join("epochs/0000000005.json"), old.to_bytes().expect("bytes")).expect("write");
+        let c = Catalog::open_dir(d.path(), 2).expect("reopen");
+        assert_eq!(c.epochs(), vec![1, 2, 3, 4, 5]);
         assert_eq!(c.read(3).expect("read").epoch, 3);
         c.prune(2);
-        assert_eq!(c.epochs(), vec![3, 4]);
+        assert_eq!(c.epochs(), vec![4, 5]);
         assert_eq!(c.newest(5).len(), 2);
-        let p = d.path().join("epochs/0000000004.json");
+        assert_eq!(Catalog::open_dir(d.path(), 3).expect("reopen").epochs(), vec![4, 5], "pruned in the store too");
+        let p = d.path().join("epochs/0000000004-0000000001.json");
         let text = std::fs::read_to_string(&p).expect("read").replace("\"epoch\": 4", "\"epoch\": 9");
         std::fs::write(&p, text).expect("write");
-        assert!(matches!(c.read(4), Err(RecordError::Bad { .. })));
+        assert!(matches!(c.reread(4), Err(RecordError::Bad { .. })));
+        let err = Catalog::open_dir(d.path(), 4).expect_err("a damaged record");
+        assert!(err.to_string().contains("0000000004-0000000001.json"), "{err}");
+    }
+
+    #[test]
+    fn two_records_for_one_epoch_are_refused_loudly() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let first = Catalog::open_dir(d.path(), 1).expect("open");
+        // A second coordinator (incarnation 2) opened the store before the first committed.
+        let second = Catalog::open_dir(d.path(), 2).expect("open");
+        first.commit(&mut record(7)).expect("commit");
+        let err = second.commit(&mut record(7)).expect_err("a second record for epoch 7");
+        assert!(matches!(&err, RecordError::Duplicate { epoch: 7, keys } if keys.len() == 2), "{err}");
+        assert!(err.to_string().contains("two coordinators"), "{err}");
+        let err = Catalog::open_dir(d.path(), 3).expect_err("the store holds two");
+        assert!(matches!(err, RecordError::Duplicate { epoch: 7, .. }), "{err}");
     }
 
     #[test]
@@ -303,12 +414,18 @@ mod tests {
     #[test]
     fn a_record_is_never_overwritten() {
         let d = tempfile::tempdir().expect("tempdir");
-        let c = Catalog::open(d.path()).expect("open");
+        let c = Catalog::open_dir(d.path(), 1).expect("open");
         c.commit(&mut record(7)).expect("commit");
         let mut other = record(7);
         other.output_commit = "strict".into();
         assert!(matches!(c.commit(&mut other), Err(RecordError::Exists { .. })));
-        assert_eq!(c.read(7).expect("read").output_commit, "release");
+        // Nor by the store itself, for a writer whose cache did not know the record.
+        let same_inc = Catalog::open_dir(d.path(), 1).expect("open");
+        let (cache, objects) = (same_inc.cache.clone(), same_inc.objects.clone());
+        cache.lock().expect("lock").clear();
+        let blind = Catalog { objects, incarnation: 1, cache, doubtful: Arc::default() };
+        assert!(matches!(blind.commit(&mut other), Err(RecordError::Exists { .. })), "create-only in the store");
+        assert_eq!(c.reread(7).expect("read").output_commit, "release");
         assert_eq!(std::fs::read_dir(d.path().join("epochs")).expect("ls").count(), 1, "no temp file left");
     }
 }

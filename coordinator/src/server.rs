@@ -33,8 +33,12 @@ pub enum Rollback {
 /// How the coordinator runs.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// State directory: records, default socket.
+    /// State directory: incarnation and membership, default socket, and the commit
+    /// records unless `records` names an object store.
     pub state_dir: PathBuf,
+    /// Where commit records go: an object store shared with the sidecars (so that the
+    /// records survive this host), or `None` for `STATE_DIR/CLUSTER/epochs/`.
+    pub records: Option<cutline_objects::Location>,
     /// Unix socket (mode 0600).
     pub socket: PathBuf,
     /// Optional TCP listener: TLS and the token.
@@ -71,6 +75,7 @@ impl Config {
     pub fn new(state_dir: &Path) -> Config {
         Config {
             state_dir: state_dir.to_owned(),
+            records: None,
             socket: state_dir.join("cutline.sock"),
             tcp: None,
             heartbeat: Duration::from_secs(1),
@@ -129,12 +134,25 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     // Bad TLS material stops the start before anything else is touched.
     let acceptor = cfg.tcp.as_ref().map(|t| t.tls.acceptor()).transpose()?;
     let dir = StateDir::lock(&cfg.state_dir.join(&cluster))?;
-    let catalog = Catalog::open(&cfg.state_dir.join(&cluster))?;
-    catalog.prune(cfg.keep.max(1));
     let mut durable = dir.load()?;
     durable.incarnation += 1;
+    let (records, incarnation) = (cfg.records.clone(), durable.incarnation);
+    let local = cfg.state_dir.join(&cluster);
+    // Opening an object store probes its server: off the async threads.
+    let keep = cfg.keep.max(1);
+    let catalog = tokio::task::spawn_blocking(move || {
+        let catalog = match records {
+            Some(location) => Catalog::open(cutline_objects::Objects::open(&location)?, incarnation),
+            None => Catalog::open_dir(&local, incarnation),
+        }?;
+        catalog.prune(keep);
+        Ok::<_, crate::record::RecordError>(catalog)
+    })
+    .await
+    .map_err(|e| crate::record::RecordError::Store(cutline_objects::ObjectsError::Config(e.to_string())))??;
     durable.next_epoch = durable.next_epoch.max(catalog.epochs().last().map_or(1, |e| e + 1));
     dir.save(&durable)?;
+    tracing::info!(records = %catalog.describe(), "commit records");
     let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Input>();
     let listeners = listen(&cfg, acceptor, in_tx.clone()).await?;
     tracing::info!(socket = %cfg.socket.display(), incarnation = durable.incarnation, next_epoch = durable.next_epoch,

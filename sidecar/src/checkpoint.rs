@@ -30,6 +30,10 @@ use sink::{FD_NAME, Sink};
 
 /// Prefix of the dirty bitmaps cutline owns; the suffix is the checkpoint id.
 pub const BITMAP_PREFIX: &str = "cutline-";
+/// Room kept free beyond a staged mapped-ram file (twice the guest's RAM: the file, and
+/// the blocks stored from it).
+const STAGING_MARGIN: u64 = 64 << 20;
+
 /// Errors of a checkpoint. After any of them the guest runs (unless QEMU itself is
 /// gone) and every earlier checkpoint is intact.
 #[derive(Debug, thiserror::Error)]
@@ -635,7 +639,20 @@ async fn arm(
     // Where QEMU writes memory and device state: a mapped-ram file when QEMU supports it
     // (pages at fixed offsets, so blocks line up across checkpoints), else the
     // sequential stream through a pipe.
-    let sink = sink::open(qmp, store, name, id, &policy, !opts.stream_memory).await?;
+    // The mapped-ram file is staged whole before it is stored: it needs room for the
+    // guest's RAM beside the blocks. Short of that, the stream needs none.
+    let staging_free = nix::sys::statvfs::statvfs(&store.tmp())
+        .map(|v| v.blocks_available().saturating_mul(v.fragment_size()))
+        .unwrap_or(u64::MAX);
+    let room = staging_free >= ident.ram_bytes.saturating_mul(2).saturating_add(STAGING_MARGIN);
+    if !room && !opts.stream_memory {
+        tracing::info!(
+            free_mib = staging_free >> 20,
+            ram_mib = ident.ram_bytes >> 20,
+            "too little room to stage a mapped-ram file: streaming memory"
+        );
+    }
+    let sink = sink::open(qmp, store, name, id, &policy, !opts.stream_memory && room).await?;
     match &sink {
         Sink::File { path, fdset } => undo.file = Some((*fdset, path.clone())),
         Sink::Pipe { .. } => undo.pipe = true,
