@@ -19,6 +19,7 @@ pub mod blocks;
 pub mod compress;
 pub mod key;
 pub mod manifest;
+pub mod pack;
 pub use cutline_objects::private;
 
 use std::collections::{BTreeMap, BTreeSet};
