@@ -23,7 +23,7 @@ use crate::attach::{self, AttachError, DiskInfo, VmIdentity};
 use crate::disk::{self, CHUNK, DiskError};
 use crate::mapped_ram::MappedRamError;
 use crate::store::manifest::{Backing, Disk, FORMAT, Manifest, Timings, ZERO};
-use crate::store::{BlockError, Hash, Lock, Policy, Store, StoreError, hash_file};
+use crate::store::{Base, BlockError, Hash, Lock, Policy, Store, StoreError};
 
 mod sink;
 use sink::{FD_NAME, Sink};
@@ -862,9 +862,47 @@ async fn take_rest(
     }
     undo.targets.clear();
     let disks_ms = ms(disks_started.elapsed());
+
+    // The read-only files a relaunch reads, stored once by hash. Their blocks belong to
+    // the durable base index, not to this checkpoint: no undo removes them.
+    let mut wanted = crate::store::bases::named_in_argv(&ident.argv, ident.cwd.as_deref());
+    wanted.extend(
+        plans.iter().filter_map(|p| p.backing.as_ref()).map(|b| ("backing".to_owned(), b.filename.clone().into())),
+    );
+    let (s, mut pol) = (store.clone(), policy.clone());
+    let stored_bases = tokio::task::spawn_blocking(move || {
+        let mut out: Vec<Base> = Vec::new();
+        let mut stored = 0;
+        for (role, path) in wanted {
+            let path_text = path.display().to_string();
+            if out.iter().any(|b| b.path == path_text) {
+                continue;
+            }
+            // A file gone since QEMU opened it (a kernel in a temp dir) does not fail the
+            // checkpoint: the guest runs from memory; only a relaunch elsewhere needs it.
+            match s.put_base(&path, &mut pol) {
+                Ok((sha256, size, new)) => {
+                    stored += new;
+                    out.push(Base { role, path: path_text, sha256, size });
+                }
+                Err(StoreError::Io { what: crate::store::bases::UNREADABLE, path, source }) => {
+                    tracing::warn!(path = %path.display(), "{role} not stored: {source}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok::<_, StoreError>((out, pol, stored))
+    })
+    .await
+    .map_err(|e| CheckpointError::Migration(format!("base image task: {e}")))??;
+    let (bases, bases_policy, bases_stored) = stored_bases;
+    policy = bases_policy;
+    if bases_stored > 0 {
+        progress(&format!("base images: {} stored once, {} KiB new", bases.len(), bases_stored >> 10));
+    }
     store.save_estimates(&policy.estimates());
 
-    let bytes_stored = stream.bytes_stored + disks.iter().map(|d| d.bytes_stored).sum::<u64>();
+    let bytes_stored = stream.bytes_stored + disks.iter().map(|d| d.bytes_stored).sum::<u64>() + bases_stored;
     let parent =
         plans.iter().find_map(|p| p.base.as_ref()).and_then(|(b, _)| b.strip_prefix(BITMAP_PREFIX)?.parse().ok());
     // From the commit on, the new bitmaps belong to the checkpoint: no undo removes them.
@@ -887,6 +925,7 @@ async fn take_rest(
         pidfile: ident.pidfile.clone(),
         memory: stream,
         disks,
+        bases,
         timings: Timings { pause_ms, duration_ms: ms(started.elapsed()), memory_ms, disks_ms, sync_ms: 0.0 },
         bytes_stored,
         checksum: String::new(),
@@ -1000,7 +1039,7 @@ fn plan_disks(
         let backing = match &d.backing {
             Some((file, format)) => {
                 let path = std::path::Path::new(file);
-                let sha256 = hash_file(path).map_err(|source| StoreError::Io {
+                let sha256 = crate::store::bases::hash_cached(path).map_err(|source| StoreError::Io {
                     what: "cannot hash backing image",
                     path: path.to_owned(),
                     source,

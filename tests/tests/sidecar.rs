@@ -131,6 +131,15 @@ async fn restoring_the_same_checkpoint_twice_gives_identical_state() -> anyhow::
     tokio::time::sleep(Duration::from_secs(1)).await;
     let m = take(&guest, &store, &Options::default()).await?;
     guest.kill();
+    // The kernel and initrd the command line names are stored once, by hash, and
+    // rebuild byte for byte (what a relaunch on another host would need).
+    let roles: Vec<&str> = m.bases.iter().map(|b| b.role.as_str()).collect();
+    assert_eq!(roles, ["kernel", "initrd"], "{:?}", m.bases);
+    for b in &m.bases {
+        let copy = env.dir().join(format!("base-{}", b.role));
+        store.restore_base(&b.sha256, &copy)?;
+        assert!(std::fs::read(&copy)? == std::fs::read(&b.path)?, "{} rebuilt differently", b.path);
+    }
     let mut images = Vec::new();
     for round in 0..2 {
         let (restored, _) = restore_and_adopt(&guest, &store, m.id, true).await?;

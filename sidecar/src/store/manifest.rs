@@ -47,6 +47,10 @@ pub struct Manifest {
     pub memory: Stream,
     /// Writable disks.
     pub disks: Vec<Disk>,
+    /// The read-only files a relaunch reads (kernel, initrd, firmware, backing images),
+    /// stored once by hash (`STORE/bases/`).
+    #[serde(default)]
+    pub bases: Vec<super::bases::Base>,
     /// Timings.
     pub timings: Timings,
     /// Bytes this checkpoint added to the store.
@@ -296,6 +300,7 @@ pub(crate) mod tests {
             pidfile: None,
             memory: Stream { layout: "stream".into(), bytes: 3, blocks: vec![("a".repeat(64), 3)], bytes_stored: 3 },
             disks: vec![],
+            bases: vec![],
             timings: Timings::default(),
             bytes_stored: 3,
             checksum: String::new(),

@@ -5,6 +5,7 @@
 //! STORE/blocks/ab/abcdef…   block files (sha256 of the uncompressed content)
 //! STORE/vms/NAME/ID.json     manifests; a checkpoint exists once its manifest does
 //! STORE/vms/NAME/ID.hmac     the manifest's tag under the store's key (written first)
+//! STORE/bases/SHA256.json    read-only files (kernels, firmware, backing images) stored once
 //! STORE/key                  the store's signing key
 //! STORE/tmp/                 work files, on the same filesystem for renames
 //! STORE/lock                 shared by writers of blocks and by restores' work files,
@@ -15,6 +16,7 @@
 //! Everything the store creates is its owner's alone (directories 0700, files 0600), and
 //! a store whose root others can write is refused.
 
+pub mod bases;
 pub mod blocks;
 pub mod compress;
 pub mod key;
@@ -29,6 +31,7 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 
+pub use bases::{Base, BaseIndex};
 pub use blocks::{BlockError, Blocks, Hash, Put};
 pub use compress::{Estimates, Policy};
 pub use key::{Key, KeyError};
@@ -386,12 +389,7 @@ impl Store {
     /// atomically: temp file, fsync, rename, fsync of the directory. The checkpoint exists
     /// from here.
     pub fn commit(&self, manifest: &mut Manifest) -> Result<PathBuf, StoreError> {
-        let root = File::open(&self.root).map_err(io("cannot open", &self.root))?;
-        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)).map_err(|e| StoreError::Io {
-            what: "cannot sync the filesystem of",
-            path: self.root.clone(),
-            source: e.into(),
-        })?;
+        self.sync()?;
         manifest.seal();
         let dir = self.vm_dir(&manifest.name);
         private::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
@@ -405,6 +403,28 @@ impl Store {
         std::fs::rename(&tmp, &path).map_err(io("cannot rename into place", &path))?;
         File::open(&dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", &dir))?;
         Ok(path)
+    }
+
+    /// Makes everything written to the store's filesystem so far durable (one `syncfs`).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let root = File::open(&self.root).map_err(io("cannot open", &self.root))?;
+        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)).map_err(|e| StoreError::Io {
+            what: "cannot sync the filesystem of",
+            path: self.root.clone(),
+            source: e.into(),
+        })
+    }
+
+    /// Every block checkpoint `m` needs: its memory and disks, and its stored bases.
+    /// A base whose index cannot be read contributes nothing (verify reports it).
+    pub fn blocks_of(&self, m: &Manifest) -> Vec<String> {
+        let mut out: Vec<String> = m.blocks().map(str::to_owned).collect();
+        for b in &m.bases {
+            if let Ok(index) = self.base_index(&b.sha256) {
+                out.extend(index.blocks.into_iter().map(|(h, _)| h).filter(|h| h != manifest::ZERO));
+            }
+        }
+        out
     }
 
     /// Removes checkpoint `id` of `name` (a checkpoint its cluster did not commit); its
@@ -454,8 +474,17 @@ impl Store {
             for id in self.ids(n)? {
                 match self.manifest(n, id) {
                     Ok(m) => {
-                        for h in m.blocks() {
-                            users.entry(h.to_owned()).or_default().push((n.clone(), id));
+                        for b in &m.bases {
+                            if let Err(e) = self.base_index(&b.sha256) {
+                                damage.push(Damage {
+                                    item: format!("base image {} ({})", b.path, b.sha256),
+                                    why: error_chain(&e),
+                                    breaks: vec![(n.clone(), id)],
+                                });
+                            }
+                        }
+                        for h in self.blocks_of(&m) {
+                            users.entry(h).or_default().push((n.clone(), id));
                         }
                         for d in &m.disks {
                             if let Some(b) = &d.backing {
@@ -527,6 +556,7 @@ impl Store {
         }
         File::open(&dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", &dir))?;
         let mut referenced = BTreeSet::new();
+        let mut bases = BTreeSet::new();
         for n in self.names()? {
             for id in self.ids(&n)? {
                 // A damaged manifest still protects the blocks it may name: keep them all
@@ -534,10 +564,17 @@ impl Store {
                 let path = self.manifest_path(&n, id);
                 let data = std::fs::read(&path).map_err(io("cannot read", &path))?;
                 match Manifest::from_bytes(&data) {
-                    Ok(m) => referenced.extend(m.blocks().map(str::to_owned)),
+                    Ok(m) => {
+                        bases.extend(m.bases.iter().map(|b| b.sha256.clone()));
+                        referenced.extend(self.blocks_of(&m));
+                    }
                     Err(_) => return Err(StoreError::Manifest { path, source: ManifestError::Checksum }),
                 }
             }
+        }
+        // Bases no kept checkpoint names go first, then every block nothing references.
+        for sha in self.base_hashes().into_iter().filter(|h| !bases.contains(h)) {
+            self.remove_base(&sha)?;
         }
         let mut report = GcReport { removed: removed.to_vec(), kept: kept.to_vec(), ..GcReport::default() };
         let all = self.blocks.list().map_err(io("cannot list", self.blocks.dir()))?;
