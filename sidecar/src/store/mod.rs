@@ -600,7 +600,10 @@ impl Store {
 /// rename, fsync of the directory.
 pub fn write_atomically(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    // Unique per write: several writers (VMs of one process) may replace one file at once.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_file_name(format!(".{name}.{}-{seq}.tmp", std::process::id()));
     write_durably(&tmp, data)?;
     std::fs::rename(&tmp, path).map_err(io("cannot rename into place", path))?;
     let dir = path.parent().unwrap_or(Path::new("."));

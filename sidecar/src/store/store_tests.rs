@@ -104,3 +104,23 @@ fn an_unwritable_store_is_named() {
     let err = Store::open(Path::new("/proc/cutline-store")).expect_err("unwritable");
     assert!(err.to_string().contains("/proc/cutline-store"), "{err}");
 }
+
+#[test]
+fn many_writers_may_replace_one_file_at_once() {
+    // Three VMs of one process stored the same kernel's base index at once: a shared temp
+    // name made the others' rename fail.
+    let d = tempfile::tempdir().expect("tempdir");
+    let path = d.path().join("same.json");
+    std::thread::scope(|s| {
+        for i in 0..8u8 {
+            let path = &path;
+            s.spawn(move || {
+                for _ in 0..20 {
+                    write_atomically(path, &[i; 64]).expect("concurrent replace");
+                }
+            });
+        }
+    });
+    assert_eq!(std::fs::read(&path).expect("read").len(), 64);
+    assert_eq!(std::fs::read_dir(d.path()).expect("ls").count(), 1, "no temp file left");
+}
