@@ -123,7 +123,8 @@ pub fn save_file(
     Ok(stream)
 }
 
-fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+/// Reads until `buf` is full or the file ends; the bytes read.
+pub(crate) fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match f.read(&mut buf[n..])? {

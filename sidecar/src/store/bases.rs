@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -144,7 +143,7 @@ impl Store {
         let mut stored = 0;
         let mut buf = vec![0u8; BASE_BLOCK];
         loop {
-            let n = read_full(&mut f, &mut buf).map_err(io(UNREADABLE, path))?;
+            let n = crate::memory::read_full(&mut f, &mut buf).map_err(io(UNREADABLE, path))?;
             if n == 0 {
                 break;
             }
@@ -244,17 +243,6 @@ impl Store {
             _ => Ok(()),
         }
     }
-}
-
-fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]
