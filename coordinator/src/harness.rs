@@ -132,6 +132,8 @@ impl LocalCluster {
             name: self.guests[i].name.clone(),
             qmp: self.guests[i].qmp_path.clone(),
             store: self.env.dir().join("store"),
+            // Commit records on a server: the checkpoints go to the same store.
+            objects: self.config.records.clone().filter(|l| l.local_root().is_none()),
             bounds: netfilter::Bounds::default(),
         };
         self.agents[i] = Some(Task::spawn(move |stop| async move {

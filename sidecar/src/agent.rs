@@ -32,8 +32,10 @@ pub struct Config {
     pub name: String,
     /// The VM's QMP socket.
     pub qmp: PathBuf,
-    /// The checkpoint store.
+    /// The checkpoint store, or with `objects` the local work directory beside it.
     pub store: PathBuf,
+    /// An object store (`s3://…`) the checkpoints go to instead of `store`.
+    pub objects: Option<cutline_objects::Location>,
     /// Output gate bounds.
     pub bounds: Bounds,
 }
@@ -120,7 +122,18 @@ struct Agent {
 /// Runs the agent until `shutdown` resolves. Reconnects to the coordinator when the
 /// connection drops; its VM keeps running meanwhile.
 pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
-    let store = Store::open(&cfg.store)?;
+    let (objects, work) = (cfg.objects.clone(), cfg.store.clone());
+    let store = tokio::task::spawn_blocking(move || match objects {
+        Some(l) => Store::open_at(&l, &work),
+        None => Store::open(&work),
+    })
+    .await
+    .map_err(|e| {
+        AgentError::Store(crate::store::StoreError::NotWritable {
+            path: cfg.store.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })??;
     let _owner: Lock = store.lock_owner(&cfg.name).map_err(|_| AgentError::Owned {
         name: cfg.name.clone(),
         lock: cfg.store.join("vms").join(&cfg.name).join("owner"),

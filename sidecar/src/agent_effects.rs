@@ -230,7 +230,7 @@ impl Agent {
                 }
             }
             Done::Stored(at, Ok(d)) => {
-                let digest = self.store.manifest_digest(&self.cfg.name, d.manifest.id).map_err(|e| e.to_string());
+                let digest: Result<String, String> = Ok(d.digest.clone());
                 let bytes = d.manifest.bytes_stored;
                 self.durable = Some(*d);
                 self.slot_event(SlotEvent::Stored(at, digest.map(|g| (g, bytes)))).await;

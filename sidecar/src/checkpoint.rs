@@ -23,7 +23,7 @@ use crate::attach::{self, AttachError, DiskInfo, VmIdentity};
 use crate::disk::{self, CHUNK, DiskError};
 use crate::mapped_ram::MappedRamError;
 use crate::store::manifest::{Backing, Disk, FORMAT, Manifest, Timings, ZERO};
-use crate::store::{Base, BlockError, Hash, Lock, Policy, Store, StoreError};
+use crate::store::{Base, BlockError, Hash, Lock, Policy, Store, StoreError, Writer};
 
 mod sink;
 use sink::{FD_NAME, Sink};
@@ -207,7 +207,8 @@ struct Undo {
     jobs: Vec<String>,
     targets: Vec<(String, PathBuf)>,
     bitmaps: Vec<(String, String)>,
-    created: Vec<Hash>,
+    /// The writer of the checkpoint's blocks: its packs go unless a manifest names them.
+    writer: Option<Writer>,
     /// The cut marker, removed once the guest runs again.
     cut_marker: Option<PathBuf>,
 }
@@ -255,28 +256,10 @@ impl Undo {
         if let Some(m) = &self.cut_marker {
             let _ = std::fs::remove_file(m);
         }
-        remove_unreferenced(store, &self.created);
-    }
-}
-
-/// Deletes blocks an aborted checkpoint created, when no other writer is active and no
-/// manifest uses them; otherwise leaves them to gc.
-fn remove_unreferenced(store: &Store, created: &[Hash]) {
-    if created.is_empty() {
-        return;
-    }
-    let Ok(_excl) = store.lock_exclusive_nonblocking() else { return };
-    let mut used = std::collections::BTreeSet::new();
-    for n in store.names().unwrap_or_default() {
-        for id in store.ids(&n).unwrap_or_default() {
-            match store.manifest(&n, id) {
-                Ok(m) => used.extend(m.blocks().map(str::to_owned)),
-                Err(_) => return, // a damaged manifest may use them: keep everything
-            }
+        if let Some(w) = self.writer {
+            let s = store.clone();
+            let _ = tokio::task::spawn_blocking(move || s.drop_packs(&w.abort())).await;
         }
-    }
-    for h in created.iter().filter(|h| !used.contains(*h)) {
-        let _ = store.blocks().remove(h);
     }
 }
 
@@ -323,6 +306,8 @@ pub struct Pending {
 pub struct Durable {
     /// The committed manifest.
     pub manifest: Manifest,
+    /// The sha256 of the manifest as stored: what a cluster commit record names.
+    pub digest: Hash,
     old_bitmaps: Vec<(String, String)>,
     new_bitmaps: Vec<(String, String)>,
 }
@@ -490,14 +475,22 @@ impl Pending {
         let committed = match result {
             Ok(mut manifest) => {
                 let t = Instant::now();
-                match store.commit(&mut manifest) {
-                    Ok(_) => {
+                let (s, w) = (store.clone(), undo.writer.clone());
+                let committed = tokio::task::spawn_blocking(move || {
+                    let w = w.ok_or_else(|| CheckpointError::Migration("no block writer".into()))?;
+                    s.commit(&mut manifest, &w).map(|digest| (manifest, digest)).map_err(CheckpointError::Store)
+                })
+                .await
+                .unwrap_or_else(|e| Err(CheckpointError::Migration(format!("commit task: {e}"))));
+                match committed {
+                    Ok((mut manifest, digest)) => {
+                        undo.writer = None;
                         manifest.timings.sync_ms = ms(t.elapsed());
-                        Ok(manifest)
+                        Ok((manifest, digest))
                     }
                     Err(e) => {
                         undo.bitmaps = new_bitmaps.clone();
-                        Err(CheckpointError::Store(e))
+                        Err(e)
                     }
                 }
             }
@@ -505,7 +498,7 @@ impl Pending {
         };
         drop(shared);
         match committed {
-            Ok(manifest) => {
+            Ok((manifest, digest)) => {
                 tracing::info!(vm = %name, id, pause_ms = manifest.timings.pause_ms, "checkpoint stored");
                 let old_bitmaps = ident
                     .disks
@@ -517,7 +510,7 @@ impl Pending {
                             .map(move |b| (d.node.clone(), b.name.clone()))
                     })
                     .collect();
-                Ok(Durable { manifest, old_bitmaps, new_bitmaps })
+                Ok(Durable { manifest, digest, old_bitmaps, new_bitmaps })
             }
             Err(e) => {
                 tracing::warn!(vm = %name, id, error = %e, "checkpoint aborted");
@@ -565,6 +558,7 @@ struct Cut {
     plans: Vec<DiskPlan>,
     sink: Sink,
     policy: Policy,
+    writer: Writer,
     events: Events,
     background: bool,
     mode_reason: Option<String>,
@@ -579,6 +573,7 @@ struct Armed {
     background: bool,
     mode_reason: Option<String>,
     policy: Policy,
+    writer: Writer,
 }
 
 /// Arms a checkpoint: everything that can happen before the guest is paused.
@@ -594,6 +589,12 @@ async fn arm(
     undo: &mut Undo,
 ) -> Result<Armed, CheckpointError> {
     let policy = Policy::new(store.estimates());
+    // The view the writer deduplicates against is listed now, under the shared lock.
+    let s = store.clone();
+    let writer = tokio::task::spawn_blocking(move || s.writer())
+        .await
+        .map_err(|e| CheckpointError::Migration(format!("writer task: {e}")))??;
+    undo.writer = Some(writer.clone());
     clear_leftovers(qmp).await?;
     let plans = plan_disks(store, name, id, ident, opts)?;
     for p in &plans {
@@ -652,13 +653,13 @@ async fn arm(
             "too little room to stage a mapped-ram file: streaming memory"
         );
     }
-    let sink = sink::open(qmp, store, name, id, &policy, !opts.stream_memory && room).await?;
+    let sink = sink::open(qmp, store, &writer, name, id, &policy, !opts.stream_memory && room).await?;
     match &sink {
         Sink::File { path, fdset } => undo.file = Some((*fdset, path.clone())),
         Sink::Pipe { .. } => undo.pipe = true,
     }
 
-    Ok(Armed { plans, sink, background, mode_reason, policy })
+    Ok(Armed { plans, sink, background, mode_reason, policy, writer })
 }
 
 /// The cut: from pausing the guest to it running again.
@@ -670,7 +671,7 @@ async fn fire(
     undo: &mut Undo,
     progress: &mut (dyn FnMut(&str) + Send),
 ) -> Result<Cut, CheckpointError> {
-    let Armed { plans, mut sink, background, mode_reason, policy } = armed;
+    let Armed { plans, mut sink, background, mode_reason, policy, writer } = armed;
     // The cut.
     let mut events = Events { stream: qmp.subscribe(), seen: Vec::new() };
     let was_running = ident.status == "running";
@@ -726,7 +727,7 @@ async fn fire(
             r = events.wait("MIGRATION", |e| matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled"))) => {
                 let e = r?;
                 if e.data["status"] != "completed" {
-                    return Err(migration_failed(qmp, &mut sink, undo).await);
+                    return Err(migration_failed(qmp, &mut sink).await);
                 }
             }
         }
@@ -735,7 +736,7 @@ async fn fire(
             .wait("MIGRATION", |e| matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled")))
             .await?;
         if e.data["status"] != "completed" {
-            return Err(migration_failed(qmp, &mut sink, undo).await);
+            return Err(migration_failed(qmp, &mut sink).await);
         }
     }
     let mut pause_ms = ms(cut_at.elapsed());
@@ -748,7 +749,7 @@ async fn fire(
         pause_ms = (resume.timestamp_us - stop.timestamp_us) as f64 / 1000.0;
     }
     progress(&format!("cut done: guest paused {pause_ms:.1} ms; saving memory while it runs"));
-    Ok(Cut { plans, sink, events, background, mode_reason, pause_ms, started, policy })
+    Ok(Cut { plans, sink, events, background, mode_reason, pause_ms, started, policy, writer })
 }
 
 /// The rest: memory and disks stored while the guest runs; returns the manifest to commit.
@@ -763,7 +764,7 @@ async fn take_rest(
     undo: &mut Undo,
     progress: &mut (dyn FnMut(&str) + Send),
 ) -> Result<Manifest, CheckpointError> {
-    let Cut { plans, mut sink, mut events, background, mode_reason, pause_ms, started, policy } = cut;
+    let Cut { plans, mut sink, mut events, background, mode_reason, pause_ms, started, policy, writer } = cut;
     // Memory: the rest of the stream, while the guest runs.
     let mem_started = Instant::now();
     if background {
@@ -774,15 +775,14 @@ async fn take_rest(
             }
             match e.data["status"].as_str() {
                 Some("completed") => break,
-                Some("failed" | "cancelled") => return Err(migration_failed(qmp, &mut sink, undo).await),
+                Some("failed" | "cancelled") => return Err(migration_failed(qmp, &mut sink).await),
                 _ => {}
             }
         }
     }
     undo.migrating = false;
-    let out = sink.collect(qmp, store, policy).await?;
+    let out = sink.collect(qmp, &writer, policy).await?;
     undo.file = None;
-    undo.created.extend(out.created);
     let stream = out.result.map_err(CheckpointError::Memory)?;
     let mut policy = out.policy;
     let memory_ms = ms(mem_started.elapsed());
@@ -829,17 +829,15 @@ async fn take_rest(
         let node = p.info.node.clone();
         let target = p.target.clone();
         let size = p.info.virtual_size;
-        let blocks = store.blocks().clone();
+        let w = writer.clone();
         let mut pol = policy.clone();
         let folded = tokio::task::spawn_blocking(move || {
-            let mut created = Vec::new();
-            let r = disk::fold(&node, &target, &base, size, &blocks, &mut pol, &mut created);
-            (r, pol, created)
+            let r = disk::fold(&node, &target, &base, size, &w, &mut pol);
+            (r, pol)
         })
         .await
         .map_err(|e| CheckpointError::Migration(format!("disk task: {e}")))?;
         policy = folded.1;
-        undo.created.extend(folded.2);
         let disk::Folded { map, stored, copied } =
             folded.0.map_err(|source| CheckpointError::Disk { node: p.info.node.clone(), source })?;
         let _ = std::fs::remove_file(&p.target);
@@ -869,7 +867,7 @@ async fn take_rest(
     wanted.extend(
         plans.iter().filter_map(|p| p.backing.as_ref()).map(|b| ("backing".to_owned(), b.filename.clone().into())),
     );
-    let (s, mut pol) = (store.clone(), policy.clone());
+    let (s, mut pol, w) = (store.clone(), policy.clone(), writer.clone());
     let stored_bases = tokio::task::spawn_blocking(move || {
         let mut out: Vec<Base> = Vec::new();
         let mut stored = 0;
@@ -880,10 +878,10 @@ async fn take_rest(
             }
             // A file gone since QEMU opened it (a kernel in a temp dir) does not fail the
             // checkpoint: the guest runs from memory; only a relaunch elsewhere needs it.
-            match s.put_base(&path, &mut pol) {
-                Ok((sha256, size, new)) => {
+            match s.put_base(&role, &path, &w, &mut pol) {
+                Ok((base, new)) => {
                     stored += new;
-                    out.push(Base { role, path: path_text, sha256, size });
+                    out.push(base);
                 }
                 Err(StoreError::Io { what: crate::store::bases::UNREADABLE, path, source }) => {
                     tracing::warn!(path = %path.display(), "{role} not stored: {source}");
@@ -926,6 +924,7 @@ async fn take_rest(
         memory: stream,
         disks,
         bases,
+        packs: Vec::new(),
         timings: Timings { pause_ms, duration_ms: ms(started.elapsed()), memory_ms, disks_ms, sync_ms: 0.0 },
         bytes_stored,
         checksum: String::new(),
@@ -1105,14 +1104,12 @@ impl Events {
 
 /// Why the migration failed: the saver's own error when it stopped reading (the store
 /// failed, e.g. its disk is full), else QEMU's description.
-async fn migration_failed(qmp: &Qmp, sink: &mut Sink, undo: &mut Undo) -> CheckpointError {
+async fn migration_failed(qmp: &Qmp, sink: &mut Sink) -> CheckpointError {
     if let Some(task) = sink.take_saver()
         && let Ok(Ok(out)) = tokio::time::timeout(Duration::from_secs(5), task).await
+        && let Err(e) = out.result
     {
-        undo.created.extend(out.created);
-        if let Err(e) = out.result {
-            return CheckpointError::Memory(e);
-        }
+        return CheckpointError::Memory(e);
     }
     CheckpointError::Migration(migration_error(qmp).await)
 }

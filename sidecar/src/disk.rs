@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::nbd;
 use crate::store::manifest::{Disk, ZERO};
-use crate::store::{BlockError, Blocks, Hash, Policy};
+use crate::store::{BlockError, Blocks, Hash, Policy, Writer};
 
 /// Chunk size of disk maps: the dirty-bitmap granularity cutline sets, and the
 /// cluster size of its backup targets, so copied ranges fall on chunk boundaries.
@@ -160,21 +160,19 @@ pub struct Folded {
     pub copied: u64,
 }
 
-/// Folds the ranges copied into `target` over the chunk map `base`, storing new chunks;
-/// `created` gets every block added, even when it fails, for cleanup.
+/// Folds the ranges copied into `target` over the chunk map `base`, storing new chunks.
 pub fn fold(
     node: &str,
     target: &Path,
     base: &BTreeMap<u64, Hash>,
     virtual_size: u64,
-    blocks: &Blocks,
+    writer: &Writer,
     policy: &mut Policy,
-    created: &mut Vec<Hash>,
 ) -> Result<Folded, DiskError> {
     let ranges = copied_ranges(target)?;
     let file =
         File::open(target).map_err(|source| DiskError::Io { what: "cannot open", path: target.to_owned(), source })?;
-    fold_ranges(node, &ranges, &file, target, base, virtual_size, blocks, policy, created)
+    fold_ranges(node, &ranges, &file, target, base, virtual_size, writer, policy)
 }
 
 /// [`fold`] of ranges already read: the data of `ranges` is in `file` (the target at `target`).
@@ -186,9 +184,8 @@ pub fn fold_ranges(
     target: &Path,
     base: &BTreeMap<u64, Hash>,
     virtual_size: u64,
-    blocks: &Blocks,
+    writer: &Writer,
     policy: &mut Policy,
-    created: &mut Vec<Hash>,
 ) -> Result<Folded, DiskError> {
     let mut map = base.clone();
     let (mut stored, mut copied) = (0u64, 0u64);
@@ -222,11 +219,8 @@ pub fn fold_ranges(
                     if data.iter().all(|b| *b == 0) {
                         map.insert(idx, ZERO.to_owned());
                     } else {
-                        let put = blocks.put(data, policy)?;
+                        let put = writer.put(data, policy)?;
                         stored += put.stored;
-                        if put.stored > 0 {
-                            created.push(put.hash.clone());
-                        }
                         map.insert(idx, put.hash);
                     }
                 }
@@ -412,8 +406,8 @@ mod tests {
     /// machine's 2 MiB ARG_MAX (E2BIG).
     #[test]
     fn a_4_gib_disk_in_many_runs_is_written_back() {
-        let d = tempfile::tempdir().expect("tempdir");
-        let blocks = Blocks::new(d.path().join("blocks"), d.path().to_owned());
+        let (d, blocks) = crate::store::blocks::tests::temp_blocks();
+        let writer = Writer::new(blocks.clone(), std::time::Duration::ZERO);
         let mut policy = Policy::new(Estimates { ratio: 1.0, ..Estimates::default() });
         let size: u64 = 4 << 30;
         let base = d.path().join("base.raw");
@@ -438,11 +432,13 @@ mod tests {
                 chunks.push((idx, ZERO.to_owned()));
             } else if idx % 8 == 1 {
                 let chunk = vec![(idx % 251) as u8; CHUNK as usize];
-                chunks.push((idx, blocks.put(&chunk, &mut policy).expect("put").hash));
+                chunks.push((idx, writer.put(&chunk, &mut policy).expect("put").hash));
                 data_at.push(idx);
             }
         }
         assert!(chunks.len() == 40_960 && data_at.len() == 8192);
+        writer.finish().expect("stored");
+        writer.publish();
         let disk = Disk {
             backing: Some(crate::store::manifest::Backing {
                 filename: base.display().to_string(),
@@ -496,14 +492,14 @@ mod tests {
             ]
         );
         assert!(parse_map(b"[{\"start\": -1}]").is_err());
-        let d = tempfile::tempdir().expect("tempdir");
-        let blocks = Blocks::new(d.path().join("blocks"), d.path().to_owned());
+        let (d, blocks) = crate::store::blocks::tests::temp_blocks();
+        let writer = Writer::new(blocks, std::time::Duration::ZERO);
         let target = d.path().join("t");
         std::fs::write(&target, vec![1u8; 2 * CHUNK as usize]).expect("write");
         let file = File::open(&target).expect("open");
         let mut policy = Policy::new(Estimates::default());
         let fold = |ranges: &[Copied], policy: &mut Policy| {
-            fold_ranges("n", ranges, &file, &target, &BTreeMap::new(), 1 << 20, &blocks, policy, &mut Vec::new())
+            fold_ranges("n", ranges, &file, &target, &BTreeMap::new(), 1 << 20, &writer, policy)
         };
         // start + length and host + offset used to overflow.
         let huge = [Copied { start: CHUNK, length: u64::MAX, host: Some(u64::MAX - 10) }];
@@ -517,8 +513,8 @@ mod tests {
 
     #[test]
     fn copied_ranges_fold_into_chunks_and_write_back() {
-        let d = tempfile::tempdir().expect("tempdir");
-        let blocks = Blocks::new(d.path().join("blocks"), d.path().to_owned());
+        let (d, blocks) = crate::store::blocks::tests::temp_blocks();
+        let writer = Writer::new(blocks.clone(), std::time::Duration::ZERO);
         let mut policy = Policy::new(Estimates::default());
         let target = d.path().join("t.qcow2");
         create_target(&target, 1 << 20).expect("create");
@@ -531,13 +527,13 @@ mod tests {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let mut base = BTreeMap::new();
         base.insert(0, ZERO.to_owned());
-        let mut created = Vec::new();
-        let Folded { map, stored, copied } =
-            fold("n", &target, &base, 1 << 20, &blocks, &mut policy, &mut created).expect("fold");
+        let Folded { map, stored, copied } = fold("n", &target, &base, 1 << 20, &writer, &mut policy).expect("fold");
         assert_eq!(copied, 2 * CHUNK);
         assert_eq!(map.len(), 3);
         assert_eq!(map[&5], ZERO);
-        assert!(stored > 0 && created.len() == 1);
+        assert!(stored > 0);
+        writer.finish().expect("stored");
+        writer.publish();
 
         let disk = Disk {
             node: "n".into(),

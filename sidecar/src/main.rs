@@ -17,8 +17,23 @@ struct Cli {
     /// Print one JSON object on stdout instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Keep checkpoints in an object store, `s3://BUCKET[/PREFIX]` (endpoint, region and
+    /// credentials from CUTLINE_S3_ENDPOINT, CUTLINE_S3_REGION and
+    /// CUTLINE_S3_CREDENTIALS_FILE or AWS_*); `--store` is then the local work directory.
+    #[arg(long, global = true, env = "CUTLINE_OBJECTS")]
+    objects: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// Opens the store: `store` itself, or the object store `objects` with `store` as its
+/// work directory. `existing` refuses a local directory that is not a store yet.
+fn open_store(store: &std::path::Path, objects: Option<&str>, existing: bool) -> anyhow::Result<Store> {
+    Ok(match objects {
+        Some(o) => Store::open_at(&cutline_objects::Location::from_env(o)?, store)?,
+        None if existing => Store::open_existing(store)?,
+        None => Store::open(store)?,
+    })
 }
 
 #[derive(Subcommand)]
@@ -191,6 +206,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 name: n.as_str().to_owned(),
                 qmp,
                 store,
+                objects: cli.objects.as_deref().map(cutline_objects::Location::from_env).transpose()?,
                 bounds: netfilter::Bounds { max_hold, ..netfilter::Bounds::default() },
             };
             sidecar::agent::run(cfg, sidecar::shutdown_signal()).await?;
@@ -220,7 +236,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Cmd::Checkpoint { qmp, store, name: n, full, stop_and_copy, stream_memory } => {
             let n = name(&n)?;
-            let store = Store::open(&store)?;
+            let store = open_store(&store, cli.objects.as_deref(), false)?;
             let q = attach::connect(&qmp).await?;
             let opts = checkpoint::Options { full, stop_and_copy, stream_memory };
             let m = checkpoint::checkpoint(&q, &store, n.as_str(), &opts, &mut progress).await?;
@@ -252,7 +268,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Cmd::Restore { store, name: n, checkpoint, paused } => {
             let n = name(&n)?;
-            let store = Store::open_existing(&store)?;
+            let store = open_store(&store, cli.objects.as_deref(), true)?;
             let r = restore::restore(&store, n.as_str(), checkpoint, paused, &mut progress).await?;
             print(
                 json,
@@ -268,7 +284,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             );
         }
         Cmd::List { store, name: n } => {
-            let store = Store::open_existing(&store)?;
+            let store = open_store(&store, cli.objects.as_deref(), true)?;
             let names = match n {
                 Some(n) => vec![name(&n)?.as_str().to_owned()],
                 None => store.names()?,
@@ -302,7 +318,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             print(json, json!({"checkpoints": rows}), if text.is_empty() { "no checkpoints".into() } else { text });
         }
         Cmd::Verify { store, name: n } => {
-            let store = Store::open_existing(&store)?;
+            let store = open_store(&store, cli.objects.as_deref(), true)?;
             let n = n.map(|n| name(&n)).transpose()?;
             let damage = tokio::task::block_in_place(|| {
                 store.verify(n.as_ref().map(VmName::as_str), |done, total| {
@@ -338,17 +354,18 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Cmd::Gc { store, name: n, keep } => {
             let n = name(&n)?;
-            let store = Store::open_existing(&store)?;
+            let store = open_store(&store, cli.objects.as_deref(), true)?;
             let r = store.gc(n.as_str(), keep)?;
             print(
                 json,
                 serde_json::to_value(&r)?,
                 format!(
-                    "removed checkpoints {:?}, kept {:?}; deleted {} blocks ({} KiB)",
+                    "removed checkpoints {:?}, kept {:?}; deleted {} packs ({} KiB), hid {} for later",
                     r.removed,
                     r.kept,
-                    r.blocks_removed,
-                    r.bytes_freed >> 10
+                    r.packs_removed,
+                    r.bytes_freed >> 10,
+                    r.packs_hidden
                 ),
             );
         }

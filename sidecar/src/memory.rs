@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use std::path::Path;
 
 use crate::store::manifest::{Stream, ZERO};
-use crate::store::{BlockError, Blocks, Policy};
+use crate::store::{BlockError, Blocks, Policy, Writer};
 
 /// Content-defined chunk sizes for the stream. Small chunks matter: while the guest runs
 /// during a background snapshot, every page it writes is saved out of order, and each
@@ -40,26 +40,23 @@ impl<R: Read> Read for Counting<R> {
 }
 
 /// Reads the migration stream from `pipe` to its end, storing content-defined chunks.
-/// `progress` sees the byte count as it grows; `created` gets every block this save
-/// adds, even when it fails, for cleanup. On a store error the pipe is closed, so QEMU's
-/// migration fails rather than blocks.
+/// `progress` sees the byte count as it grows. On a store error the pipe is closed, so
+/// QEMU's migration fails rather than blocks.
 pub fn save_stream(
     pipe: OwnedFd,
-    blocks: &Blocks,
+    writer: &Writer,
     policy: &mut Policy,
     progress: watch::Sender<u64>,
-    created: &mut Vec<String>,
 ) -> Result<Stream, BlockError> {
-    save_stream_from(File::from(pipe), blocks, policy, progress, created)
+    save_stream_from(File::from(pipe), writer, policy, progress)
 }
 
 /// [`save_stream`] from any reader (the pipe in production; bytes in tests and fuzzing).
 pub fn save_stream_from(
     input: impl Read,
-    blocks: &Blocks,
+    writer: &Writer,
     policy: &mut Policy,
     progress: watch::Sender<u64>,
-    created: &mut Vec<String>,
 ) -> Result<Stream, BlockError> {
     let reader = Counting { inner: input, count: Arc::new(AtomicU64::new(0)), tx: progress };
     let chunker = fastcdc::v2020::StreamCDC::new(reader, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK);
@@ -70,12 +67,9 @@ pub fn save_stream_from(
             path: "pipe".into(),
             source: std::io::Error::other(e.to_string()),
         })?;
-        let put = blocks.put(&chunk.data, policy)?;
+        let put = writer.put(&chunk.data, policy)?;
         stream.bytes += put.len;
         stream.bytes_stored += put.stored;
-        if put.stored > 0 {
-            created.push(put.hash.clone());
-        }
         stream.blocks.push((put.hash, put.len));
     }
     Ok(stream)
@@ -87,37 +81,78 @@ pub fn save_stream_from(
 pub const MAPPED_BLOCK: usize = 64 << 10;
 
 /// Stores a mapped-ram migration file as fixed-size blocks; holes and zero blocks are
-/// recorded as [`ZERO`] and not stored. `created` gets every block added.
-pub fn save_file(
-    path: &Path,
-    blocks: &Blocks,
-    policy: &mut Policy,
-    created: &mut Vec<String>,
-) -> Result<Stream, BlockError> {
+/// recorded as [`ZERO`] and not stored. The file is cut into one run of blocks per core,
+/// each hashed and compressed on its own thread.
+pub fn save_file(path: &Path, writer: &Writer, policy: &mut Policy) -> Result<Stream, BlockError> {
     let read_err = |source| BlockError::Read { hash: "(migration file)".into(), path: path.to_owned(), source };
-    let mut f = File::open(path).map_err(read_err)?;
+    let f = File::open(path).map_err(read_err)?;
+    let len = f.metadata().map_err(read_err)?.len();
+    let blocks_total = len.div_ceil(MAPPED_BLOCK as u64);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let per = blocks_total.div_ceil(threads.max(1)).max(1);
+    let runs: Vec<(u64, u64)> =
+        (0..blocks_total).step_by(per as usize).map(|first| (first, (first + per).min(blocks_total))).collect();
+    let results: Vec<Result<(Stream, Policy), BlockError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = runs
+            .iter()
+            .map(|&(first, end)| {
+                let (f, mut policy) = (&f, policy.clone());
+                s.spawn(move || save_run(f, path, len, first, end, writer, &mut policy).map(|st| (st, policy)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(BlockError::Damaged {
+                        hash: "(migration file)".into(),
+                        why: "a storing thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    let mut stream = Stream { layout: "mapped-ram".into(), bytes: 0, blocks: Vec::new(), bytes_stored: 0 };
+    for (i, r) in results.into_iter().enumerate() {
+        let (part, p) = r?;
+        if i == 0 {
+            *policy = p;
+        }
+        stream.bytes += part.bytes;
+        stream.bytes_stored += part.bytes_stored;
+        stream.blocks.extend(part.blocks);
+    }
+    Ok(stream)
+}
+
+/// Stores blocks `first..end` of a mapped-ram file of `len` bytes.
+fn save_run(
+    f: &File,
+    path: &Path,
+    len: u64,
+    first: u64,
+    end: u64,
+    writer: &Writer,
+    policy: &mut Policy,
+) -> Result<Stream, BlockError> {
     let mut stream = Stream { layout: "mapped-ram".into(), bytes: 0, blocks: Vec::new(), bytes_stored: 0 };
     let mut buf = vec![0u8; MAPPED_BLOCK];
-    loop {
-        let n = read_full(&mut f, &mut buf).map_err(|source| BlockError::Read {
+    for b in first..end {
+        let off = b * MAPPED_BLOCK as u64;
+        let n = (len - off).min(MAPPED_BLOCK as u64) as usize;
+        let data = &mut buf[..n];
+        std::os::unix::fs::FileExt::read_exact_at(f, data, off).map_err(|source| BlockError::Read {
             hash: "(migration file)".into(),
             path: path.to_owned(),
             source,
         })?;
-        if n == 0 {
-            break;
-        }
-        let data = &buf[..n];
         stream.bytes += n as u64;
         if data.iter().all(|b| *b == 0) {
             stream.blocks.push((ZERO.to_owned(), n as u64));
             continue;
         }
-        let put = blocks.put(data, policy)?;
+        let put = writer.put(data, policy)?;
         stream.bytes_stored += put.stored;
-        if put.stored > 0 {
-            created.push(put.hash.clone());
-        }
         stream.blocks.push((put.hash, put.len));
     }
     Ok(stream)
@@ -209,10 +244,7 @@ mod tests {
     use crate::store::Estimates;
 
     fn blocks() -> (tempfile::TempDir, Blocks) {
-        let d = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir_all(d.path().join("tmp")).expect("tmp");
-        let b = Blocks::new(d.path().join("blocks"), d.path().join("tmp"));
-        (d, b)
+        crate::store::blocks::tests::temp_blocks()
     }
 
     #[test]
@@ -221,8 +253,10 @@ mod tests {
         let mut policy = Policy::new(Estimates::default());
         let data: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
         let (tx, _rx) = watch::channel(0);
-        let mut created = Vec::new();
-        let stream = save_stream_from(&data[..], &b, &mut policy, tx, &mut created).expect("save");
+        let w = Writer::new(b.clone(), std::time::Duration::ZERO);
+        let stream = save_stream_from(&data[..], &w, &mut policy, tx).expect("save");
+        w.finish().expect("stored");
+        w.publish();
         assert_eq!(stream.bytes, data.len() as u64);
         assert!(stream.blocks.len() > 2 && stream.blocks.iter().all(|(_, l)| *l <= MAX_CHUNK as u64));
         let mut out = Vec::new();

@@ -222,7 +222,10 @@ pub async fn restore_with(
     progress(&format!("verifying checkpoint {id} of {name}"));
     let blocks = store.blocks().clone();
     let hashes: Vec<String> = m.blocks().map(str::to_owned).collect();
+    let packs = m.packs.clone();
     let check = tokio::task::spawn_blocking(move || {
+        // The packs the manifest names: a restore reads their indexes, then the blocks.
+        blocks.load(&packs)?;
         let mut seen = std::collections::BTreeSet::new();
         for h in hashes {
             if seen.insert(h.clone()) {

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use sidecar::disk::{CHUNK, write_image};
 use sidecar::store::manifest::{Disk, ZERO};
-use sidecar::store::{Blocks, Estimates, Policy};
+use sidecar::store::{Estimates, Policy, Store};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -20,17 +20,21 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let d = tempfile::tempdir()?;
-    let blocks = Blocks::new(d.path().join("blocks"), d.path().to_owned());
+    let store = Store::open(&d.path().join("store"))?;
+    let blocks = store.blocks().clone();
+    let writer = store.writer()?;
     let mut policy = Policy::new(Estimates { ratio: 1.0, ..Estimates::default() });
     let size: u64 = 1 << 30;
     let mut chunks = Vec::new();
     for idx in 0..size / CHUNK {
         match idx % 4 {
-            0 => chunks.push((idx, blocks.put(&vec![(idx % 64) as u8 + 1; CHUNK as usize], &mut policy)?.hash)),
+            0 => chunks.push((idx, writer.put(&vec![(idx % 64) as u8 + 1; CHUNK as usize], &mut policy)?.hash)),
             1 | 2 => chunks.push((idx, ZERO.to_owned())),
             _ => {}
         }
     }
+    writer.finish()?;
+    writer.publish();
     let disk = Disk {
         node: "disk0".into(),
         device: "dev0".into(),

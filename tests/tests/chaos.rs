@@ -29,3 +29,26 @@ fn forty_faults_of_every_kind_leave_every_invariant_intact() {
     assert_eq!(kinds, 5, "every kind of fault was injected: {report:#}");
     assert_eq!(report["faults_run"], 40, "{report:#}");
 }
+
+/// The same faults with checkpoints and commit records on a three-node Garage cluster:
+/// restores read packs and manifests back from the object store.
+#[test]
+fn faults_with_the_store_on_garage_leave_every_invariant_intact() {
+    let started = Instant::now();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cutline-chaos"));
+    cmd.args(["--seed", "2", "--faults", "12", "--kinds", "qemu,sidecar,coordinator,failpoint", "--garage", "--json"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit());
+    // SAFETY: as above.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).map_err(std::io::Error::from)
+        });
+    }
+    let out = cmd.output().expect("run cutline-chaos");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("cutline-chaos --garage took {:.0} s; report: {stdout}", started.elapsed().as_secs_f64());
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_default();
+    assert!(out.status.success(), "cutline-chaos --garage failed ({}): {report:#}", out.status);
+    assert_eq!(report["faults_run"], 12, "{report:#}");
+}

@@ -135,9 +135,10 @@ async fn restoring_the_same_checkpoint_twice_gives_identical_state() -> anyhow::
     // rebuild byte for byte (what a relaunch on another host would need).
     let roles: Vec<&str> = m.bases.iter().map(|b| b.role.as_str()).collect();
     assert_eq!(roles, ["kernel", "initrd"], "{:?}", m.bases);
+    store.blocks().load(&m.packs)?;
     for b in &m.bases {
         let copy = env.dir().join(format!("base-{}", b.role));
-        store.restore_base(&b.sha256, &copy)?;
+        store.restore_base(b, &copy)?;
         assert!(std::fs::read(&copy)? == std::fs::read(&b.path)?, "{} rebuilt differently", b.path);
     }
     let mut images = Vec::new();

@@ -142,12 +142,17 @@ async fn a_corrupted_block_is_named_and_restore_refuses() -> anyhow::Result<()> 
     let store = Store::open(&store_dir)?;
     let qmp = guest.qmp().await?;
     let m = checkpoint::checkpoint(&qmp, &store, "corrupt", &Options::default(), &mut |_| {}).await?;
-    let victim = m.memory.blocks[m.memory.blocks.len() / 2].0.clone();
-    let path = store.blocks().path(&victim);
+    let victim = m.memory.blocks.iter().map(|(h, _)| h.clone()).filter(|h| h != "zero").nth(3).expect("a block");
+    // Flip the last byte of the victim's bytes inside its pack.
+    let pack = store.blocks().pack_of(&victim).expect("located");
+    let entry =
+        *store.blocks().entries(&pack)?.iter().find(|e| sidecar::store::blocks::hex(&e.hash) == victim).expect("entry");
+    let path = store_dir.join(sidecar::store::blocks::pack_key(&pack));
     let mut raw = std::fs::read(&path)?;
-    let last = raw.len() - 1;
-    raw[last] ^= 0x55;
+    raw[(entry.offset + u64::from(entry.stored) - 1) as usize] ^= 0x55;
     std::fs::write(&path, raw)?;
+    // A fresh process reads the pack from disk, not from this one's cache.
+    let store = Store::open(&store_dir)?;
 
     let (code, v) = cli(&["verify", "--store", store_dir.to_str().unwrap_or_default()])?;
     assert_eq!(code, 3, "{v}");

@@ -180,6 +180,16 @@ impl Objects {
         each!(self, b => b.put(key, data))
     }
 
+    /// Writes a large object: on a server as a multipart upload (parts in parallel), on a
+    /// local directory as [`Objects::put`].
+    pub fn put_multipart(&self, key: &str, data: &[u8]) -> Result<(), ObjectsError> {
+        check_key(key)?;
+        match self {
+            Objects::Local(b) => b.put(key, data),
+            Objects::S3(b) => b.put_multipart(key, data),
+        }
+    }
+
     /// Writes `data` under `key` only if nothing is there. An object already there with
     /// the same bytes is [`Created::Same`]; with other bytes, [`ObjectsError::Exists`].
     pub fn put_new(&self, key: &str, data: &[u8]) -> Result<Created, ObjectsError> {

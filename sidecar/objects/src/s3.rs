@@ -135,6 +135,23 @@ impl S3 {
         self.run(async move { store.put(&path, payload).await.map(|_| ()).map_err(err) })
     }
 
+    /// Writes a large object as a multipart upload of 8 MiB parts, 4 in flight.
+    pub(crate) fn put_multipart(&self, key: &str, data: &[u8]) -> Result<(), ObjectsError> {
+        let (store, path) = (self.store.clone(), self.path(key));
+        let (key, describe) = (key.to_owned(), self.describe.clone());
+        let data = bytes::Bytes::from(data.to_vec());
+        self.run(async move {
+            let err = || remote("cannot upload", &key, &describe);
+            let upload = store.put_multipart(&path).await.map_err(err())?;
+            let mut w = object_store::WriteMultipart::new_with_chunk_size(upload, 8 << 20);
+            for part in data.chunks(8 << 20) {
+                w.wait_for_capacity(4).await.map_err(err())?;
+                w.write(part);
+            }
+            w.finish().await.map(|_| ()).map_err(err())
+        })
+    }
+
     pub(crate) fn put_new(&self, key: &str, data: &[u8]) -> Result<(), ObjectsError> {
         let (store, path, describe) = (self.store.clone(), self.path(key), self.describe.clone());
         let payload = PutPayload::from(data.to_vec());

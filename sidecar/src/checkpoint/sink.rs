@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use super::{CheckpointError, qemu};
 use crate::store::manifest::Stream;
-use crate::store::{BlockError, Hash, Policy, Store, StoreError};
+use crate::store::{BlockError, Policy, Store, StoreError, Writer};
 use crate::{mapped_ram, memory};
 
 /// Stream bytes after which RAM pages flow. Before write tracking starts QEMU writes only
@@ -44,7 +44,6 @@ pub(super) enum Sink {
 pub(super) struct SaverOut {
     pub result: Result<Stream, BlockError>,
     pub policy: Policy,
-    pub created: Vec<Hash>,
 }
 
 /// Sets the migration format (mapped-ram when `mapped_ram` and QEMU supports it) and
@@ -52,6 +51,7 @@ pub(super) struct SaverOut {
 pub(super) async fn open(
     qmp: &Qmp,
     store: &Store,
+    writer: &Writer,
     name: &str,
     id: u64,
     policy: &Policy,
@@ -102,12 +102,11 @@ pub(super) async fn open(
             qmp.getfd(FD_NAME, std::os::fd::AsFd::as_fd(&write_end)).await.map_err(qemu("pass the migration pipe"))?;
             drop(write_end);
             let (count_tx, count) = watch::channel(0u64);
-            let blocks = store.blocks().clone();
+            let writer = writer.clone();
             let mut saver_policy = policy.clone();
             let saver = tokio::task::spawn_blocking(move || {
-                let mut created = Vec::new();
-                let r = memory::save_stream(read_end, &blocks, &mut saver_policy, count_tx, &mut created);
-                SaverOut { result: r, policy: saver_policy, created }
+                let r = memory::save_stream(read_end, &writer, &mut saver_policy, count_tx);
+                SaverOut { result: r, policy: saver_policy }
             });
             Ok(Sink::Pipe { saver: Some(saver), count })
         }
@@ -171,7 +170,7 @@ impl Sink {
     pub(super) async fn collect(
         &mut self,
         qmp: &Qmp,
-        store: &Store,
+        writer: &Writer,
         policy: Policy,
     ) -> Result<SaverOut, CheckpointError> {
         match self {
@@ -182,16 +181,15 @@ impl Sink {
             }
             Sink::File { path, fdset } => {
                 let _ = qmp.execute_raw("remove-fd", json!({"fdset-id": fdset})).await;
-                let (path, blocks) = (path.clone(), store.blocks().clone());
+                let (path, writer) = (path.clone(), writer.clone());
                 let mut policy = policy;
                 tokio::task::spawn_blocking(move || {
                     let out = mapped_ram::repair(&path).map(|fixed| {
                         for b in fixed.iter().filter(|b| b.rewritten) {
                             tracing::debug!(block = %b.name, pages = b.pages, present = b.present, "bitmap written");
                         }
-                        let mut created = Vec::new();
-                        let r = memory::save_file(&path, &blocks, &mut policy, &mut created);
-                        SaverOut { result: r, policy, created }
+                        let r = memory::save_file(&path, &writer, &mut policy);
+                        SaverOut { result: r, policy }
                     });
                     let _ = std::fs::remove_file(&path);
                     out

@@ -2,13 +2,13 @@
 //! names (kernel, initrd, firmware, device tree, read-only pflash) and the backing images
 //! of its disks. A checkpoint then holds everything a relaunch on another host reads.
 //!
-//! ```text
-//! STORE/bases/SHA256.json   the file as 1 MiB blocks (zero blocks not stored)
-//! ```
-//!
-//! A base is read and hashed in one pass, so the index describes exactly the bytes
-//! stored even if the file changed meanwhile. Files already seen by this process with
-//! the same device, inode, size and modification time are not read again.
+//! A base is stored as 1 MiB blocks (zero blocks not stored) in the checkpoint's packs,
+//! and its block list is part of the manifest, so the manifest alone (with the packs it
+//! names) rebuilds it: there is no shared object a gc could take from under a writer.
+//! A base is read and hashed in one pass, so the list describes exactly the bytes stored
+//! even if the file changed meanwhile. A file this process has seen with the same device,
+//! inode, size and modification time, whose blocks the store's view still holds, is not
+//! read again.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -20,11 +20,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::manifest::ZERO;
-use super::{Hash, Policy, Store, StoreError, blocks, private, write_atomically};
+use super::{Hash, Policy, Store, StoreError, Writer, blocks, private};
 
 /// Block size of base images: they are large and read-only, so big blocks (few files).
 pub const BASE_BLOCK: usize = 1 << 20;
-const FORMAT: u32 = 1;
 /// What a [`StoreError::Io`] says when a base image cannot be read (gone, unreadable).
 pub const UNREADABLE: &str = "cannot read base image";
 
@@ -40,19 +39,8 @@ pub struct Base {
     pub sha256: Hash,
     /// Its size.
     pub size: u64,
-}
-
-/// A stored base: its blocks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BaseIndex {
-    /// Format version.
-    pub format: u32,
-    /// sha256 of the whole file.
-    pub sha256: Hash,
-    /// File size.
-    pub size: u64,
-    /// Blocks in order: (hash, length); [`ZERO`] for zeros.
+    /// Its blocks in order: (hash, length); [`ZERO`] for zeros.
+    #[serde(default)]
     pub blocks: Vec<(Hash, u64)>,
 }
 
@@ -99,6 +87,14 @@ fn seen() -> &'static Mutex<HashMap<SeenKey, Hash>> {
     SEEN.get_or_init(Mutex::default)
 }
 
+/// Bases this process stored: their hash and blocks, by file identity.
+type SeenBase = (Hash, Vec<(Hash, u64)>);
+
+fn seen_bases() -> &'static Mutex<HashMap<SeenKey, SeenBase>> {
+    static SEEN: OnceLock<Mutex<HashMap<SeenKey, SeenBase>>> = OnceLock::new();
+    SEEN.get_or_init(Mutex::default)
+}
+
 fn seen_key(path: &Path) -> std::io::Result<SeenKey> {
     let m = std::fs::metadata(path)?;
     Ok((m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
@@ -123,23 +119,28 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreEr
 }
 
 impl Store {
-    fn base_path(&self, sha256: &str) -> PathBuf {
-        self.root().join("bases").join(format!("{sha256}.json"))
-    }
-
-    /// Stores the file at `path` once by its hash (a no-op when that content is stored);
-    /// returns its hash, size and the bytes newly stored.
-    pub fn put_base(&self, path: &Path, policy: &mut Policy) -> Result<(Hash, u64, u64), StoreError> {
+    /// Stores the file at `path` as a base of the checkpoint `writer` writes, in role
+    /// `role`; returns it and the bytes newly stored. Its blocks are not read again when
+    /// this process saw the same file before and the view still holds its blocks.
+    pub fn put_base(
+        &self,
+        role: &str,
+        path: &Path,
+        writer: &Writer,
+        policy: &mut Policy,
+    ) -> Result<(Base, u64), StoreError> {
+        let path_text = path.display().to_string();
         if let Ok(key) = seen_key(path)
-            && let Some(h) = seen().lock().ok().and_then(|s| s.get(&key).cloned())
-            && self.base_path(&h).exists()
+            && let Some((sha256, list)) = seen_bases().lock().ok().and_then(|s| s.get(&key).cloned())
+            && list.iter().all(|(h, _)| h == ZERO || self.blocks().dedupable(h))
         {
-            return Ok((h, key.2, 0));
+            return Ok((Base { role: role.to_owned(), path: path_text, sha256, size: key.2, blocks: list }, 0));
         }
         let key = seen_key(path).map_err(io(UNREADABLE, path))?;
         let mut f = File::open(path).map_err(io(UNREADABLE, path))?;
         let mut hasher = Sha256::new();
-        let mut index = BaseIndex { format: FORMAT, sha256: String::new(), size: 0, blocks: Vec::new() };
+        let mut base =
+            Base { role: role.to_owned(), path: path_text, sha256: String::new(), size: 0, blocks: Vec::new() };
         let mut stored = 0;
         let mut buf = vec![0u8; BASE_BLOCK];
         loop {
@@ -149,56 +150,39 @@ impl Store {
             }
             let data = &buf[..n];
             hasher.update(data);
-            index.size += n as u64;
+            base.size += n as u64;
             if data.iter().all(|b| *b == 0) {
-                index.blocks.push((ZERO.to_owned(), n as u64));
+                base.blocks.push((ZERO.to_owned(), n as u64));
                 continue;
             }
-            let put = self.blocks().put(data, policy)?;
+            let put = writer.put(data, policy)?;
             stored += put.stored;
-            index.blocks.push((put.hash, put.len));
+            base.blocks.push((put.hash, put.len));
         }
-        index.sha256 = blocks::hex(&hasher.finalize());
-        if let Ok(mut s) = seen().lock() {
-            s.insert(key, index.sha256.clone());
+        base.sha256 = blocks::hex(&hasher.finalize());
+        if let Ok(mut s) = seen_bases().lock() {
+            s.insert(key, (base.sha256.clone(), base.blocks.clone()));
         }
-        let target = self.base_path(&index.sha256);
-        if !target.exists() {
-            // The blocks are durable before the index that names them.
-            self.sync()?;
-            let dir = self.root().join("bases");
-            private::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
-            let bytes = serde_json::to_vec(&index).map_err(|e| io("cannot encode", &target)(e.into()))?;
-            write_atomically(&target, &bytes)?;
-        }
-        Ok((index.sha256, index.size, stored))
+        Ok((base, stored))
     }
 
-    /// The stored base with content hash `sha256`.
-    pub fn base_index(&self, sha256: &str) -> Result<BaseIndex, StoreError> {
-        let path = self.base_path(sha256);
-        if !blocks::is_block_name(sha256) {
-            return Err(io("not a base image hash:", &path)(std::io::ErrorKind::InvalidInput.into()));
+    /// Writes base `base` of a checkpoint whose packs are loaded (see
+    /// [`super::Blocks::load`]) to `dest`: a temp file beside it, checked against the
+    /// base's hash, then renamed into place. A relaunch on a host that lacks it.
+    pub fn restore_base(&self, base: &Base, dest: &Path) -> Result<(), StoreError> {
+        let sha256 = &base.sha256;
+        if !blocks::is_block_name(sha256) || base.blocks.iter().map(|(_, n)| *n).sum::<u64>() != base.size {
+            return Err(io("the manifest's base does not describe a file:", dest)(
+                std::io::ErrorKind::InvalidData.into(),
+            ));
         }
-        let data = std::fs::read(&path).map_err(io("cannot read", &path))?;
-        let index: BaseIndex = serde_json::from_slice(&data).map_err(|e| io("unusable base index", &path)(e.into()))?;
-        if index.sha256 != sha256 || index.blocks.iter().map(|(_, n)| *n).sum::<u64>() != index.size {
-            return Err(io("base index does not describe its file:", &path)(std::io::ErrorKind::InvalidData.into()));
-        }
-        Ok(index)
-    }
-
-    /// Writes the stored base `sha256` to `dest` (temp file beside it, checked against
-    /// its hash, then renamed into place): a relaunch on a host that lacks it.
-    pub fn restore_base(&self, sha256: &str, dest: &Path) -> Result<(), StoreError> {
-        let index = self.base_index(sha256)?;
         let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tmp = dest.with_file_name(format!(".{name}.cutline-tmp"));
         let result = (|| {
             let f = private::create(&tmp).map_err(io("cannot create", &tmp))?;
             let mut hasher = Sha256::new();
             let mut off = 0u64;
-            for (hash, len) in &index.blocks {
+            for (hash, len) in &base.blocks {
                 let data = if hash == ZERO { vec![0u8; *len as usize] } else { self.blocks().get(hash)? };
                 if data.len() as u64 != *len {
                     return Err(io("a block of the wrong length in", &tmp)(std::io::ErrorKind::InvalidData.into()));
@@ -211,7 +195,7 @@ impl Store {
             }
             f.set_len(off).map_err(io("cannot write", &tmp))?;
             f.sync_all().map_err(io("cannot sync", &tmp))?;
-            if blocks::hex(&hasher.finalize()) != sha256 {
+            if &blocks::hex(&hasher.finalize()) != sha256 {
                 return Err(io("rebuilt base does not match its hash:", &tmp)(std::io::ErrorKind::InvalidData.into()));
             }
             std::fs::rename(&tmp, dest).map_err(io("cannot rename into place", dest))
@@ -220,28 +204,6 @@ impl Store {
             let _ = std::fs::remove_file(&tmp);
         }
         result
-    }
-
-    /// Content hashes of every stored base.
-    pub fn base_hashes(&self) -> Vec<Hash> {
-        let mut out: Vec<Hash> = std::fs::read_dir(self.root().join("bases"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json").map(str::to_owned))
-            .filter(|h| blocks::is_block_name(h))
-            .collect();
-        out.sort();
-        out
-    }
-
-    /// Removes the stored base `sha256` (its blocks go with the gc that calls this).
-    pub(super) fn remove_base(&self, sha256: &str) -> Result<(), StoreError> {
-        let path = self.base_path(sha256);
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("cannot remove", &path)(e)),
-            _ => Ok(()),
-        }
     }
 }
 
@@ -283,54 +245,59 @@ mod tests {
         content[BASE_BLOCK..2 * BASE_BLOCK].fill(0);
         std::fs::write(&file, &content).expect("write");
         let mut policy = Policy::new(Default::default());
-        let (sha, size, stored) = store.put_base(&file, &mut policy).expect("put");
-        assert_eq!(sha, blocks::sha256_hex(&content));
-        assert_eq!(size, content.len() as u64);
+        let w = store.writer().expect("writer");
+        let (base, stored) = store.put_base("kernel", &file, &w, &mut policy).expect("put");
+        assert_eq!(base.sha256, blocks::sha256_hex(&content));
+        assert_eq!(base.size, content.len() as u64);
         assert!(stored > 0);
-        let (again, _, stored_again) = store.put_base(&file, &mut policy).expect("again");
-        assert_eq!((again.as_str(), stored_again), (sha.as_str(), 0), "stored once");
-        let index = store.base_index(&sha).expect("index");
-        assert_eq!(index.blocks[1].0, ZERO, "zero blocks are not stored");
-        assert_eq!(store.base_hashes(), vec![sha.clone()]);
+        assert_eq!(base.blocks[1].0, ZERO, "zero blocks are not stored");
+        let mut m = crate::store::manifest::tests::sample(1);
+        m.memory.blocks.clear();
+        m.memory.bytes = 0;
+        m.bases = vec![base.clone()];
+        store.commit(&mut m, &w).expect("commit");
+        // The next checkpoint does not read it again, and stores nothing for it.
+        let w2 = store.writer().expect("writer");
+        let (again, stored_again) = store.put_base("kernel", &file, &w2, &mut policy).expect("again");
+        assert_eq!((again.sha256.as_str(), stored_again), (base.sha256.as_str(), 0), "stored once");
+        w2.finish().expect("finish");
+        // Another process with only the manifest rebuilds it.
+        let other = Store::open(&d.path().join("store")).expect("reopen");
+        let m = other.manifest("vm", 1).expect("manifest");
+        other.blocks().load(&m.packs).expect("load");
         let dest = d.path().join("elsewhere");
-        store.restore_base(&sha, &dest).expect("restore");
+        other.restore_base(&m.bases[0], &dest).expect("restore");
         assert_eq!(std::fs::read(&dest).expect("read"), content);
-        assert!(store.restore_base("ab", &dest).is_err(), "not a hash");
-        // A damaged block is found by the hash check, and nothing is left behind.
-        let victim = &index.blocks[0].0;
-        std::fs::write(store.blocks().path(victim), b"\x00garbage").expect("damage");
+        let mut bad = m.bases[0].clone();
+        bad.size += 1;
+        assert!(other.restore_base(&bad, &dest).is_err(), "a list that does not add up");
+        // A wrong block is found by the hash check, and nothing is left behind.
+        let mut swapped = m.bases[0].clone();
+        swapped.blocks.swap(0, 2);
         let dest2 = d.path().join("second");
-        assert!(store.restore_base(&sha, &dest2).is_err());
+        assert!(other.restore_base(&swapped, &dest2).is_err());
         assert!(!dest2.exists() && !d.path().join(".second.cutline-tmp").exists());
     }
 
     #[test]
-    fn gc_keeps_the_bases_kept_checkpoints_name_and_drops_the_rest() {
+    fn gc_and_verify_cover_the_blocks_of_bases() {
         let d = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&d.path().join("store")).expect("store");
         let mut policy = Policy::new(Default::default());
-        let (kernel, other) = (d.path().join("kernel"), d.path().join("other"));
+        let kernel = d.path().join("kernel");
         std::fs::write(&kernel, vec![3u8; 3 << 20]).expect("write");
-        std::fs::write(&other, vec![4u8; 1 << 20]).expect("write");
-        let (sha, size, _) = store.put_base(&kernel, &mut policy).expect("put");
-        let (sha_other, _, _) = store.put_base(&other, &mut policy).expect("put");
+        let w = store.writer().expect("writer");
+        let (base, _) = store.put_base("kernel", &kernel, &w, &mut policy).expect("put");
         let mut m = crate::store::manifest::tests::sample(1);
         m.memory.blocks.clear();
         m.memory.bytes = 0;
-        m.bases = vec![Base { role: "kernel".into(), path: kernel.display().to_string(), sha256: sha.clone(), size }];
-        store.commit(&mut m).expect("commit");
+        m.bases = vec![base];
+        store.commit(&mut m, &w).expect("commit");
+        assert_eq!(m.packs.len(), 1, "the base's blocks are in the checkpoint's pack");
         let report = store.gc("vm", 1).expect("gc");
-        assert_eq!(report.blocks_removed, 1, "the unreferenced base's block");
-        assert_eq!(store.base_hashes(), vec![sha.clone()], "{sha_other} went");
+        assert_eq!(report.packs_removed, 0, "a kept checkpoint's base stays");
         assert!(store.verify(Some("vm"), |_, _| {}).expect("verify").is_empty());
-        store.restore_base(&sha, &d.path().join("again")).expect("the kept base rebuilds");
-        // Its blocks are checked by verify.
-        let block = &store.base_index(&sha).expect("index").blocks[0].0;
-        std::fs::write(store.blocks().path(block), b"\x00bad").expect("damage");
-        let damage = store.verify(Some("vm"), |_, _| {}).expect("verify");
-        assert_eq!(damage.len(), 1, "{damage:?}");
         // No checkpoint names it any more: it goes.
-        store.gc("vm", 0).expect("gc");
-        assert!(store.base_hashes().is_empty());
+        assert_eq!(store.gc("vm", 0).expect("gc").packs_removed, 1);
     }
 }

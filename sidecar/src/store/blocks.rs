@@ -1,29 +1,31 @@
-//! Content-addressed blocks: a block is stored once under the sha256 of its
-//! uncompressed content, compressed with zstd only when that pays.
+//! Content-addressed blocks in packs: a block is named by the sha256 of its uncompressed
+//! content and lives, compressed when that pays, in a pack object of several MiB
+//! (`packs/ab/NAME`, see [`super::pack`]). Beside each pack its index object
+//! (`index/ab/NAME`: the pack's length, then its trailer) says which blocks it holds.
 //!
-//! On disk a block file is one codec byte (0 raw, 1 zstd) followed by the payload.
-//! Blocks are written to a temp file and renamed into place; durability comes from
-//! one `syncfs` before a manifest that references them is committed. A block file found
-//! already there (a dedup hit) may be the torn leftover of a write a crash or power loss
-//! cut short: it is read back and hashed once before it is trusted, and rewritten when
-//! it is not whole.
+//! [`Blocks`] reads blocks and keeps the store's *view*: the blocks of the packs whose
+//! index was listed at the last [`Blocks::refresh`]. A writer (see [`super::writer`])
+//! deduplicates only against that view, refreshed when it starts; gc hides a pack (deletes
+//! its index) at least a safety window before it deletes it, so a writer that saw a pack
+//! commits before the pack can go (see docs/STORE-V2.md).
+//!
+//! A local store made by cutline before packs (one file per block under `blocks/`) is
+//! still read: a block found in no pack is looked for there.
 
-use std::collections::HashSet;
-use std::fs::File;
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::collections::{HashMap, VecDeque};
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
 
+use cutline_objects::{Objects, ObjectsError};
 use sha2::{Digest, Sha256};
 
-use super::compress::Policy;
-use super::private;
+use super::pack::{self, Entry, PackError};
 
-const CODEC_RAW: u8 = 0;
-const CODEC_ZSTD: u8 = 1;
 /// Largest block accepted on read (the chunkers produce at most 1 MiB).
 pub const MAX_BLOCK: usize = 16 << 20;
+/// Whole packs kept in memory for reads: restores read blocks mostly in pack order.
+const CACHED_PACKS: usize = 6;
 
 /// A sha256 as lowercase hex.
 pub type Hash = String;
@@ -31,7 +33,7 @@ pub type Hash = String;
 /// Errors of the block store.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    /// Writing a block failed (e.g. the disk is full).
+    /// Writing a block failed locally (e.g. a pipe).
     #[error("cannot write block {hash} to {path}")]
     Write {
         /// The block.
@@ -42,7 +44,7 @@ pub enum BlockError {
         #[source]
         source: std::io::Error,
     },
-    /// Reading a block failed.
+    /// Reading input failed.
     #[error("cannot read block {hash} from {path}")]
     Read {
         /// The block.
@@ -53,13 +55,54 @@ pub enum BlockError {
         #[source]
         source: std::io::Error,
     },
-    /// A block's content does not hash to its name.
+    /// A block's content does not hash to its name, or its pack is damaged.
     #[error("block {hash} is damaged: {why}")]
     Damaged {
         /// The block.
         hash: Hash,
         /// What is wrong.
         why: String,
+    },
+    /// No known pack holds the block.
+    #[error("block {hash} is in no pack of {store}")]
+    Missing {
+        /// The block.
+        hash: Hash,
+        /// The store.
+        store: String,
+    },
+    /// The object store failed.
+    #[error("{what}")]
+    Objects {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: Box<ObjectsError>,
+    },
+    /// A pack or its index is malformed.
+    #[error("pack {pack} is unusable")]
+    Pack {
+        /// The pack.
+        pack: Hash,
+        /// The cause.
+        #[source]
+        source: PackError,
+    },
+    /// An earlier pack of this writer could not be stored.
+    #[error("an earlier pack could not be stored: {why}")]
+    Upload {
+        /// The error that stopped the uploads.
+        why: String,
+    },
+    /// A writer took longer than half the gc safety window: the packs it deduplicated
+    /// against may have been hidden meanwhile, so it does not commit.
+    #[error("the checkpoint took {took_s} s, over half the store's gc safety window ({window_s} s)")]
+    TooSlow {
+        /// Seconds taken.
+        took_s: u64,
+        /// The window.
+        window_s: u64,
     },
 }
 
@@ -82,6 +125,50 @@ pub fn hex(bytes: &[u8]) -> String {
     })
 }
 
+/// The 32 bytes of a hex sha256 (`None` for anything else).
+pub fn digest_bytes(hash: &str) -> Option<[u8; 32]> {
+    if !is_block_name(hash) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hash.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The key of pack `name`.
+pub fn pack_key(name: &str) -> String {
+    format!("packs/{}/{name}", name.get(..2).unwrap_or_default())
+}
+
+/// The key of pack `name`'s index object.
+pub fn index_key(name: &str) -> String {
+    format!("index/{}/{name}", name.get(..2).unwrap_or_default())
+}
+
+/// The pack named by a key under `packs/` or `index/`, if it is one.
+pub fn pack_of_key(key: &str) -> Option<&str> {
+    let name = key.rsplit('/').next()?;
+    is_block_name(name).then_some(name)
+}
+
+/// An index object: the pack's length, then its trailer.
+pub fn index_bytes(pack_len: u64, trailer: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + trailer.len());
+    out.extend_from_slice(&pack_len.to_le_bytes());
+    out.extend_from_slice(trailer);
+    out
+}
+
+/// Parses an index object of pack `name`.
+pub fn parse_index(name: &str, data: &[u8]) -> Result<Vec<Entry>, BlockError> {
+    let bad = |source| BlockError::Pack { pack: name.to_owned(), source };
+    let (len, trailer) = data.split_at_checked(8).ok_or(bad(PackError::Truncated("index")))?;
+    let pack_len = u64::from_le_bytes(len.try_into().map_err(|_| bad(PackError::Truncated("index")))?);
+    pack::parse_trailer(trailer, pack_len).map_err(bad)
+}
+
 /// What putting a block did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Put {
@@ -93,254 +180,286 @@ pub struct Put {
     pub stored: u64,
 }
 
-/// The block directory of a store.
-#[derive(Debug, Clone)]
-pub struct Blocks {
-    dir: PathBuf,
-    tmp: PathBuf,
-    /// Blocks this process wrote or read back whole: a dedup hit on one is trusted.
-    whole: Arc<Mutex<HashSet<[u8; 32]>>>,
+/// Where a block lives.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Loc {
+    /// Index into the view's pack table.
+    pub pack: u32,
+    /// Its entry in that pack.
+    pub entry: Entry,
 }
 
-/// The 32 bytes of a hex sha256 (`None` for anything else).
-fn digest_bytes(hash: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    if hash.len() != 64 {
-        return None;
+#[derive(Debug, Default)]
+pub(super) struct View {
+    /// Pack names by table index.
+    names: Vec<Hash>,
+    ids: HashMap<Hash, u32>,
+    /// Parsed indexes of the packs seen.
+    indexes: HashMap<Hash, Arc<Vec<Entry>>>,
+    /// Blocks of the packs listed at the last refresh (and of packs this process
+    /// committed since): a writer may deduplicate against these.
+    listed: HashMap<[u8; 32], Loc>,
+    /// Blocks of packs a manifest named (loaded for a restore or verify): readable only.
+    loaded: HashMap<[u8; 32], Loc>,
+    loaded_packs: std::collections::HashSet<Hash>,
+}
+
+impl View {
+    fn id(&mut self, name: &str) -> u32 {
+        if let Some(id) = self.ids.get(name) {
+            return *id;
+        }
+        let id = self.names.len() as u32;
+        self.names.push(name.to_owned());
+        self.ids.insert(name.to_owned(), id);
+        id
     }
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(hash.get(2 * i..2 * i + 2)?, 16).ok()?;
+
+    fn add(&mut self, name: &str, entries: &[Entry], listed: bool) {
+        let pack = self.id(name);
+        if !listed {
+            self.loaded_packs.insert(name.to_owned());
+        }
+        let map = if listed { &mut self.listed } else { &mut self.loaded };
+        for e in entries {
+            map.insert(e.hash, Loc { pack, entry: *e });
+        }
     }
-    Some(out)
+}
+
+/// The blocks of a store: reads, and the view writers deduplicate against.
+#[derive(Debug, Clone)]
+pub struct Blocks {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    objects: Objects,
+    /// `ROOT/blocks` of a local store written before packs.
+    v1: Option<PathBuf>,
+    view: RwLock<View>,
+    cache: Mutex<VecDeque<(Hash, Arc<Vec<u8>>)>>,
 }
 
 impl Blocks {
-    /// Blocks under `dir`, temp files under `tmp` (same filesystem).
-    pub fn new(dir: PathBuf, tmp: PathBuf) -> Blocks {
-        Blocks { dir, tmp, whole: Arc::default() }
+    /// The blocks of the store in `objects`; `v1` is the block directory of a local store
+    /// written before packs, if there is one.
+    pub fn new(objects: Objects, v1: Option<PathBuf>) -> Blocks {
+        Blocks { inner: Arc::new(Inner { objects, v1, view: RwLock::default(), cache: Mutex::default() }) }
     }
 
-    fn known_whole(&self, hash: &str) -> bool {
-        let Some(d) = digest_bytes(hash) else { return false };
-        self.whole.lock().is_ok_and(|w| w.contains(&d))
+    /// The objects the blocks live in.
+    pub fn objects(&self) -> &Objects {
+        &self.inner.objects
     }
 
-    fn mark_whole(&self, hash: &str) {
-        if let (Some(d), Ok(mut w)) = (digest_bytes(hash), self.whole.lock()) {
-            w.insert(d);
-        }
+    fn objects_err(&self, what: String) -> impl FnOnce(ObjectsError) -> BlockError {
+        move |source| BlockError::Objects { what, source: Box::new(source) }
     }
 
-    /// The file of block `hash` (a block name: see [`is_block_name`]).
-    pub fn path(&self, hash: &str) -> PathBuf {
-        self.dir.join(hash.get(..2).unwrap_or_default()).join(hash)
+    fn view(&self) -> std::sync::RwLockReadGuard<'_, View> {
+        self.inner.view.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// True when block `hash` is stored.
-    pub fn contains(&self, hash: &str) -> bool {
-        self.path(hash).exists()
+    fn view_mut(&self) -> std::sync::RwLockWriteGuard<'_, View> {
+        self.inner.view.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Stores `data` unless a whole block with its hash exists; compresses by `policy`.
-    pub fn put(&self, data: &[u8], policy: &mut Policy) -> Result<Put, BlockError> {
-        let hash = sha256_hex(data);
-        let path = self.path(&hash);
-        if path.exists() {
-            if self.known_whole(&hash) {
-                return Ok(Put { hash, len: data.len() as u64, stored: 0 });
-            }
-            match self.get(&hash) {
-                Ok(_) => return Ok(Put { hash, len: data.len() as u64, stored: 0 }),
-                Err(e) => tracing::warn!("rewriting a block found damaged: {e}"),
-            }
-        }
-        let mut compressed = None;
-        if policy.should_try() {
-            let t = Instant::now();
-            if let Ok(c) = zstd::bulk::compress(data, 1) {
-                policy.observe_compression(data.len(), c.len(), t.elapsed());
-                // The compression is paid for now: keep it whenever it is smaller.
-                if c.len() < data.len() {
-                    compressed = Some(c);
-                }
-            }
-        }
-        let (codec, payload) = match &compressed {
-            Some(c) => (CODEC_ZSTD, c.as_slice()),
-            None => (CODEC_RAW, data),
+    /// Lists the packs' indexes and makes exactly their blocks the view writers
+    /// deduplicate against. Indexes already read are not read again.
+    pub fn refresh(&self) -> Result<(), BlockError> {
+        let listed =
+            self.inner.objects.list("index/").map_err(self.objects_err("cannot list the pack indexes".into()))?;
+        let names: Vec<Hash> = listed.iter().filter_map(|m| pack_of_key(&m.key)).map(str::to_owned).collect();
+        let known: Vec<Hash> = {
+            let v = self.view();
+            names.iter().filter(|n| !v.indexes.contains_key(*n)).cloned().collect()
         };
-        let err = |source| BlockError::Write { hash: hash.clone(), path: path.clone(), source };
-        // Unique per writer: several VMs of one process may store the same block at once.
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = self.tmp.join(format!("block-{hash}-{}-{seq}", std::process::id()));
-        let write = || -> std::io::Result<()> {
-            let mut f = private::create(&tmp)?;
-            f.write_all(&[codec])?;
-            f.write_all(payload)?;
-            if let Some(parent) = path.parent() {
-                private::create_dir_all(parent)?;
+        let mut fresh = Vec::new();
+        for name in known {
+            match self.inner.objects.get(&index_key(&name)) {
+                Ok(data) => fresh.push((name.clone(), Arc::new(parse_index(&name, &data)?))),
+                // Hidden by a gc since the listing: not part of the view.
+                Err(ObjectsError::NotFound { .. }) => {}
+                Err(e) => return Err(self.objects_err(format!("cannot read the index of pack {name}"))(e)),
             }
-            std::fs::rename(&tmp, &path)
-        };
-        if let Err(e) = write() {
-            let _ = std::fs::remove_file(&tmp);
-            // Another writer stored the same content meanwhile: that is the block.
-            if path.exists() && self.get(&hash).is_ok() {
-                return Ok(Put { hash, len: data.len() as u64, stored: 0 });
-            }
-            return Err(err(e));
         }
-        self.mark_whole(&hash);
-        Ok(Put { hash, len: data.len() as u64, stored: payload.len() as u64 + 1 })
+        let mut v = self.view_mut();
+        for (name, entries) in fresh {
+            v.indexes.insert(name, entries);
+        }
+        let wanted: std::collections::HashSet<&Hash> = names.iter().collect();
+        v.indexes.retain(|n, _| wanted.contains(n));
+        v.listed.clear();
+        let packs: Vec<(Hash, Arc<Vec<Entry>>)> = v.indexes.iter().map(|(n, e)| (n.clone(), e.clone())).collect();
+        for (name, entries) in packs {
+            v.add(&name, &entries, true);
+        }
+        Ok(())
+    }
+
+    /// Adds packs this process wrote and a manifest now names to the view.
+    pub(super) fn publish(&self, packs: &[(Hash, Vec<Entry>)]) {
+        let mut v = self.view_mut();
+        for (name, entries) in packs {
+            v.indexes.insert(name.clone(), Arc::new(entries.clone()));
+            v.add(name, entries, true);
+        }
+    }
+
+    /// True when a writer may deduplicate against block `digest`: the pack of the view
+    /// that holds it.
+    pub(super) fn listed(&self, digest: &[u8; 32]) -> Option<Hash> {
+        let v = self.view();
+        v.listed.get(digest).map(|l| v.names[l.pack as usize].clone())
+    }
+
+    /// True when a writer may deduplicate against block `hash` (see [`Blocks::listed`]).
+    pub fn dedupable(&self, hash: &str) -> bool {
+        digest_bytes(hash).is_some_and(|d| self.listed(&d).is_some())
+    }
+
+    /// The pack that holds block `hash`, in the view or among the loaded packs.
+    pub fn pack_of(&self, hash: &str) -> Option<Hash> {
+        let d = digest_bytes(hash)?;
+        let v = self.view();
+        v.listed.get(&d).or_else(|| v.loaded.get(&d)).map(|l| v.names[l.pack as usize].clone())
+    }
+
+    /// The entries of pack `name`: its index object, or its own trailer when the index is
+    /// gone (a gc hid a pack that a manifest still names).
+    pub fn entries(&self, name: &str) -> Result<Arc<Vec<Entry>>, BlockError> {
+        if let Some(e) = self.view().indexes.get(name) {
+            return Ok(e.clone());
+        }
+        let entries = match self.inner.objects.get(&index_key(name)) {
+            Ok(data) => parse_index(name, &data)?,
+            Err(ObjectsError::NotFound { .. }) => self.trailer(name)?,
+            Err(e) => return Err(self.objects_err(format!("cannot read the index of pack {name}"))(e)),
+        };
+        Ok(Arc::new(entries))
+    }
+
+    /// The entries in pack `name`'s own trailer.
+    pub fn trailer(&self, name: &str) -> Result<Vec<Entry>, BlockError> {
+        let key = pack_key(name);
+        let err = self.objects_err(format!("cannot read pack {name}"));
+        let meta = match self.inner.objects.head(&key) {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err(err(ObjectsError::NotFound { key, store: self.inner.objects.describe() })),
+            Err(e) => return Err(err(e)),
+        };
+        let bad = |source| BlockError::Pack { pack: name.to_owned(), source };
+        let tail_at = meta.size.checked_sub(pack::TAIL as u64).ok_or(bad(PackError::Truncated("tail")))?;
+        let tail = self.inner.objects.get_range(&key, tail_at..meta.size).map_err(err)?;
+        let count = pack::entry_count(&tail).map_err(bad)? as u64;
+        let n = count * pack::ENTRY as u64 + pack::TAIL as u64;
+        let start = meta.size.checked_sub(n).ok_or(bad(PackError::Truncated("entries")))?;
+        let trailer = self
+            .inner
+            .objects
+            .get_range(&key, start..meta.size)
+            .map_err(self.objects_err(format!("cannot read pack {name}")))?;
+        pack::parse_trailer(&trailer, meta.size).map_err(bad)
+    }
+
+    /// Makes the blocks of `packs` (the packs a manifest names) readable.
+    pub fn load(&self, packs: &[Hash]) -> Result<(), BlockError> {
+        for name in packs {
+            if !is_block_name(name) {
+                return Err(BlockError::Damaged { hash: name.clone(), why: "not a pack name (a sha256)".into() });
+            }
+            let loaded = {
+                let v = self.view();
+                v.indexes.contains_key(name) || v.loaded_packs.contains(name)
+            };
+            if loaded {
+                continue;
+            }
+            let entries = self.entries(name)?;
+            self.view_mut().add(name, &entries, false);
+        }
+        Ok(())
+    }
+
+    /// The whole pack `name`, read from the store (not the cache: what verify checks).
+    pub fn read_pack(&self, name: &str) -> Result<Vec<u8>, BlockError> {
+        self.inner.objects.get(&pack_key(name)).map_err(self.objects_err(format!("cannot read pack {name}")))
+    }
+
+    /// The whole pack `name`, from the cache or the store.
+    pub fn pack_bytes(&self, name: &str) -> Result<Arc<Vec<u8>>, BlockError> {
+        if let Ok(c) = self.inner.cache.lock()
+            && let Some((_, bytes)) = c.iter().find(|(n, _)| n == name)
+        {
+            return Ok(bytes.clone());
+        }
+        let bytes = Arc::new(
+            self.inner.objects.get(&pack_key(name)).map_err(self.objects_err(format!("cannot read pack {name}")))?,
+        );
+        if let Ok(mut c) = self.inner.cache.lock() {
+            if c.len() >= CACHED_PACKS {
+                c.pop_front();
+            }
+            c.push_back((name.to_owned(), bytes.clone()));
+        }
+        Ok(bytes)
     }
 
     /// Reads block `hash`, checking that its content hashes to its name.
     pub fn get(&self, hash: &str) -> Result<Vec<u8>, BlockError> {
-        // A name from a manifest is a file name under the store: nothing else (`..`, `/`).
-        if !is_block_name(hash) {
+        // A name from a manifest: nothing else (`..`, `/`) reaches the store.
+        let Some(digest) = digest_bytes(hash) else {
             return Err(BlockError::Damaged { hash: hash.to_owned(), why: "not a block name (a sha256)".into() });
-        }
-        let path = self.path(hash);
-        let read_err = |source| BlockError::Read { hash: hash.to_owned(), path: path.clone(), source };
+        };
+        let found = {
+            let v = self.view();
+            v.listed.get(&digest).or_else(|| v.loaded.get(&digest)).map(|l| (v.names[l.pack as usize].clone(), *l))
+        };
+        let Some((name, loc)) = found else { return self.get_v1(hash) };
+        let bytes = self.pack_bytes(&name)?;
+        let stored = usize::try_from(loc.entry.offset)
+            .ok()
+            .and_then(|start| bytes.get(start..start.checked_add(loc.entry.stored as usize)?))
+            .ok_or_else(|| BlockError::Damaged { hash: hash.to_owned(), why: format!("pack {name} is too short") })?;
+        pack::decode(&loc.entry, stored).map_err(|e| BlockError::Damaged { hash: hash.to_owned(), why: e.to_string() })
+    }
+
+    /// True when block `hash` is a file of a store written before packs.
+    pub fn in_v1(&self, hash: &str) -> bool {
+        is_block_name(hash) && self.inner.v1.as_ref().is_some_and(|d| d.join(&hash[..2]).join(hash).is_file())
+    }
+
+    /// A block of a store written before packs: `blocks/ab/HASH`, a codec byte and the
+    /// payload.
+    fn get_v1(&self, hash: &str) -> Result<Vec<u8>, BlockError> {
+        let missing = || BlockError::Missing { hash: hash.to_owned(), store: self.inner.objects.describe() };
+        let Some(dir) = &self.inner.v1 else { return Err(missing()) };
+        let path = dir.join(&hash[..2]).join(hash);
         let mut raw = Vec::new();
-        File::open(&path).and_then(|f| f.take(MAX_BLOCK as u64 + 1).read_to_end(&mut raw)).map_err(read_err)?;
+        match std::fs::File::open(&path) {
+            Ok(f) => f.take(MAX_BLOCK as u64 + 1).read_to_end(&mut raw),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(missing()),
+            Err(e) => Err(e),
+        }
+        .map_err(|source| BlockError::Read { hash: hash.to_owned(), path: path.clone(), source })?;
         let damaged = |why: String| BlockError::Damaged { hash: hash.to_owned(), why };
         let data = match raw.split_first() {
-            Some((&CODEC_RAW, rest)) => rest.to_vec(),
-            Some((&CODEC_ZSTD, rest)) => {
+            Some((&pack::CODEC_RAW, rest)) => rest.to_vec(),
+            Some((&pack::CODEC_ZSTD, rest)) => {
                 zstd::bulk::decompress(rest, MAX_BLOCK).map_err(|e| damaged(format!("zstd: {e}")))?
             }
             Some((c, _)) => return Err(damaged(format!("unknown codec byte {c}"))),
             None => return Err(damaged("empty file".into())),
         };
-        let actual = sha256_hex(&data);
-        if actual != hash {
-            return Err(damaged(format!("content hashes to {actual}")));
+        if sha256_hex(&data) != hash {
+            return Err(damaged("content does not hash to its name".into()));
         }
-        self.mark_whole(hash);
         Ok(data)
-    }
-
-    /// Every stored block name.
-    pub fn list(&self) -> std::io::Result<Vec<Hash>> {
-        let mut out = Vec::new();
-        let Ok(dirs) = std::fs::read_dir(&self.dir) else { return Ok(out) };
-        for d in dirs {
-            let d = d?;
-            if !d.file_type()?.is_dir() {
-                continue;
-            }
-            for f in std::fs::read_dir(d.path())? {
-                let name = f?.file_name().to_string_lossy().into_owned();
-                if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    out.push(name);
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Removes block `hash` (missing is fine).
-    pub fn remove(&self, hash: &str) -> std::io::Result<()> {
-        match std::fs::remove_file(self.path(hash)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
-    }
-
-    /// The block directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::compress::Estimates;
-
-    fn blocks() -> (tempfile::TempDir, Blocks) {
-        let d = tempfile::tempdir().expect("tempdir");
-        let tmp = d.path().join("tmp");
-        std::fs::create_dir_all(&tmp).expect("tmp");
-        let b = Blocks::new(d.path().join("blocks"), tmp);
-        (d, b)
-    }
-
-    #[test]
-    fn stores_once_and_reads_back() {
-        let (_d, b) = blocks();
-        let mut p = Policy::new(Estimates { compress_bps: 500e6, write_bps: 100e6, ratio: 0.3 });
-        let data = vec![7u8; 40_000];
-        let first = b.put(&data, &mut p).expect("put");
-        assert!(first.stored > 0 && first.stored < 1000, "compressible data is compressed: {first:?}");
-        let again = b.put(&data, &mut p).expect("put");
-        assert_eq!(again.stored, 0);
-        assert_eq!(b.get(&first.hash).expect("get"), data);
-        assert_eq!(b.list().expect("list"), vec![first.hash]);
-    }
-
-    #[test]
-    fn random_data_is_stored_raw() {
-        let (_d, b) = blocks();
-        let mut p = Policy::new(Estimates { ratio: 1.0, ..Estimates::default() });
-        let data: Vec<u8> = (0..20_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-        let put = b.put(&data, &mut p).expect("put");
-        assert_eq!(put.stored, data.len() as u64 + 1);
-    }
-
-    #[test]
-    fn a_torn_block_found_on_dedup_is_rewritten_once() {
-        let (_d, b) = blocks();
-        let mut p = Policy::new(Estimates { ratio: 1.0, ..Estimates::default() });
-        let data = b"a block a crash left empty".to_vec();
-        let hash = sha256_hex(&data);
-        // What a power loss leaves of a write renamed into place before it reached the disk.
-        std::fs::create_dir_all(b.path(&hash).parent().expect("parent")).expect("mkdir");
-        std::fs::write(b.path(&hash), b"").expect("torn block");
-        let put = b.put(&data, &mut p).expect("put");
-        assert!(put.stored > 0, "the torn block is written again, not deduplicated: {put:?}");
-        assert_eq!(b.get(&hash).expect("whole again"), data);
-        // Read back whole once, the block is trusted from then on without reading it again.
-        std::fs::write(b.path(&hash), b"").expect("torn again");
-        assert_eq!(b.put(&data, &mut p).expect("put").stored, 0);
-        // Another process (a fresh handle) checks it once more.
-        let fresh = Blocks::new(b.dir.clone(), b.tmp.clone());
-        assert!(fresh.put(&data, &mut p).expect("put").stored > 0);
-    }
-
-    #[test]
-    fn block_files_are_private() {
-        use std::os::unix::fs::PermissionsExt;
-        let (_d, b) = blocks();
-        let mut p = Policy::new(Estimates::default());
-        let put = b.put(b"private", &mut p).expect("put");
-        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
-        assert_eq!(mode(&b.path(&put.hash)), 0o600);
-        assert_eq!(mode(b.path(&put.hash).parent().expect("fan-out dir")), 0o700);
-    }
-
-    #[test]
-    fn names_that_are_not_sha256_are_refused_not_opened() {
-        let (_d, b) = blocks();
-        // A multibyte character at byte 1 used to panic on slicing the two-digit prefix.
-        assert!(!b.path("é").as_os_str().is_empty());
-        for bad in ["é", "../../etc/passwd", "/etc/passwd", "zero", "", &"A".repeat(64), &"a".repeat(63)] {
-            assert!(matches!(b.get(bad), Err(BlockError::Damaged { .. })), "{bad:?}");
-        }
-        assert!(is_block_name(&sha256_hex(b"x")));
-    }
-
-    #[test]
-    fn damage_is_detected() {
-        let (_d, b) = blocks();
-        let mut p = Policy::new(Estimates { ratio: 1.0, ..Estimates::default() });
-        let put = b.put(b"hello world, this is a block", &mut p).expect("put");
-        let path = b.path(&put.hash);
-        let mut raw = std::fs::read(&path).expect("read");
-        raw[5] ^= 0xff;
-        std::fs::write(&path, raw).expect("write");
-        assert!(matches!(b.get(&put.hash), Err(BlockError::Damaged { .. })));
-    }
-}
+#[path = "blocks_tests.rs"]
+pub(crate) mod tests;

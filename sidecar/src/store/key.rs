@@ -39,6 +39,15 @@ pub enum KeyError {
         /// Its mode.
         mode: u32,
     },
+    /// The key object of a store on a server cannot be read or made.
+    #[error("store key object `key` in {store}")]
+    Object {
+        /// The store.
+        store: String,
+        /// The cause.
+        #[source]
+        source: cutline_objects::ObjectsError,
+    },
     /// The key file is not a key.
     #[error("store key {path} holds {len} bytes, not {KEY_LEN}")]
     Malformed {
@@ -87,6 +96,34 @@ impl Key {
             }
         }
         Key::open(path)
+    }
+
+    /// Reads the key object `key` of a store on a server, making it first when there is
+    /// none (a create-only write: concurrent makers agree on one). Whoever can read the
+    /// bucket can read it: there, the bucket's access control is what guards manifests.
+    pub fn open_or_create_object(objects: &cutline_objects::Objects) -> Result<Key, KeyError> {
+        let err = |source| KeyError::Object { store: objects.describe(), source };
+        let bytes = match objects.get("key") {
+            Ok(b) => b,
+            Err(cutline_objects::ObjectsError::NotFound { .. }) => {
+                let mut fresh = [0u8; KEY_LEN];
+                std::fs::File::open("/dev/urandom")
+                    .and_then(|mut f| f.read_exact(&mut fresh))
+                    .map_err(|source| KeyError::Io { path: "/dev/urandom".into(), source })?;
+                // Another maker may have won: either way, the object now holds the key.
+                match objects.put_new("key", &fresh) {
+                    Ok(_) | Err(cutline_objects::ObjectsError::Exists { .. }) => {}
+                    Err(e) => return Err(err(e)),
+                }
+                objects.get("key").map_err(err)?
+            }
+            Err(e) => return Err(err(e)),
+        };
+        let key: [u8; KEY_LEN] = bytes.as_slice().try_into().map_err(|_| KeyError::Malformed {
+            path: format!("{}/key", objects.describe()).into(),
+            len: bytes.len(),
+        })?;
+        Ok(Key(key))
     }
 
     /// Reads the key at `path`; refuses one others could read.

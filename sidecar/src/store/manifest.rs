@@ -51,6 +51,10 @@ pub struct Manifest {
     /// stored once by hash (`STORE/bases/`).
     #[serde(default)]
     pub bases: Vec<super::bases::Base>,
+    /// The packs that hold every block named here (a manifest written before packs
+    /// names none: its blocks are files).
+    #[serde(default)]
+    pub packs: Vec<Hash>,
     /// Timings.
     pub timings: Timings,
     /// Bytes this checkpoint added to the store.
@@ -263,7 +267,26 @@ impl Manifest {
     /// Checks the memory stream and every disk (see [`Stream::check`], [`Disk::check`]).
     pub fn check(&self) -> Result<(), ManifestError> {
         self.memory.check()?;
-        self.disks.iter().try_for_each(Disk::check)
+        self.disks.iter().try_for_each(Disk::check)?;
+        if let Some(p) = self.packs.iter().find(|p| !is_block_name(p)) {
+            return Err(ManifestError::Invalid(format!("pack named {p:?}")));
+        }
+        for b in &self.bases {
+            let mut total = 0u64;
+            for (h, len) in &b.blocks {
+                if !(is_block_name(h) || h == ZERO) || *len > MAX_BLOCK as u64 {
+                    return Err(ManifestError::Invalid(format!("base {}: block {h:?} of {len} bytes", b.path)));
+                }
+                total = total.saturating_add(*len);
+            }
+            if !b.blocks.is_empty() && total != b.size {
+                return Err(ManifestError::Invalid(format!(
+                    "base {}: blocks add up to {total}, size {}",
+                    b.path, b.size
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Every block this checkpoint references.
@@ -301,6 +324,7 @@ pub(crate) mod tests {
             memory: Stream { layout: "stream".into(), bytes: 3, blocks: vec![("a".repeat(64), 3)], bytes_stored: 3 },
             disks: vec![],
             bases: vec![],
+            packs: vec![],
             timings: Timings::default(),
             bytes_stored: 3,
             checksum: String::new(),

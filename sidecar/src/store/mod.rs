@@ -1,16 +1,21 @@
-//! A local checkpoint store: content-addressed blocks shared by every VM of the store,
-//! and per VM the manifests of its checkpoints.
+//! The checkpoint store: the objects of a store (a local directory or an S3 bucket,
+//! see `cutline-objects`) and a local work directory beside it.
 //!
 //! ```text
-//! STORE/blocks/ab/abcdef…   block files (sha256 of the uncompressed content)
-//! STORE/vms/NAME/ID.json     manifests; a checkpoint exists once its manifest does
-//! STORE/vms/NAME/ID.hmac     the manifest's tag under the store's key (written first)
-//! STORE/bases/SHA256.json    read-only files (kernels, firmware, backing images) stored once
-//! STORE/key                  the store's signing key
-//! STORE/tmp/                 work files, on the same filesystem for renames
-//! STORE/lock                 shared by writers of blocks and by restores' work files,
-//!                            exclusive for gc
-//! STORE/vms/NAME/lock        one operation per VM at a time
+//! objects:
+//!   packs/ab/NAME            blocks, packed (see `pack` and `blocks`)
+//!   index/ab/NAME            each pack's index: its length and trailer
+//!   vms/NAME/ID.json         manifests; a checkpoint exists once its manifest does
+//!   vms/NAME/ID.hmac         the manifest's tag under the store's key (written first)
+//!   vms/NAME/last-id         the highest checkpoint id handed out
+//!   condemned/ab/NAME        packs a gc hid, deleted a safety window later (servers)
+//!   key                      the store's signing key (a server's store; a local
+//!                            store keeps it as the file ROOT/key, 0600)
+//! work directory (the store's root when the store is local):
+//!   tmp/                     work files (staged memory files, backup targets)
+//!   lock                     shared by checkpoints and restores, exclusive for gc
+//!   vms/NAME/lock, owner     one operation per VM; one sidecar per VM
+//!   vms/NAME/cutting         a cut in progress (the guest may be stopped)
 //! ```
 //!
 //! Everything the store creates is its owner's alone (directories 0700, files 0600), and
@@ -19,23 +24,28 @@
 pub mod bases;
 pub mod blocks;
 pub mod compress;
+pub mod gc;
 pub mod key;
 pub mod manifest;
 pub mod pack;
+pub mod writer;
 pub use cutline_objects::private;
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use cutline_objects::{Location, Objects, ObjectsError};
 use nix::fcntl::{Flock, FlockArg};
 
-pub use bases::{Base, BaseIndex};
+pub use bases::Base;
 pub use blocks::{BlockError, Blocks, Hash, Put};
 pub use compress::{Estimates, Policy};
+pub use gc::{Damage, GcReport};
 pub use key::{Key, KeyError};
 pub use manifest::{Manifest, ManifestError};
+pub use writer::Writer;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +100,17 @@ pub enum StoreError {
     /// A block operation failed.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// The object store failed.
+    #[error("{what} in {store}")]
+    Objects {
+        /// What was being done.
+        what: String,
+        /// The store.
+        store: String,
+        /// The cause.
+        #[source]
+        source: ObjectsError,
+    },
     /// Others than its owner can write the store's root: whoever can would choose what a
     /// restore runs and overwrites.
     #[error("store {path} is writable by others (mode {mode:o}): make it its owner's alone (chmod 0700)")]
@@ -132,75 +153,129 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 /// An opened store.
 #[derive(Debug, Clone)]
 pub struct Store {
+    /// The local work directory (the store itself when it is local).
     root: PathBuf,
+    objects: Objects,
     blocks: Blocks,
+    /// gc's safety window: how long a hidden pack waits before it is deleted. Zero on
+    /// a local store, whose writers and gc exclude each other through `lock`.
+    window: Duration,
 }
 
 /// A held lock; released on drop.
 pub struct Lock(#[allow(dead_code)] Flock<File>);
 
-/// A damaged block and the checkpoints it breaks.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Damage {
-    /// The block (or manifest/backing file) at fault.
-    pub item: String,
-    /// What is wrong.
-    pub why: String,
-    /// Checkpoints that cannot be restored because of it: (name, id).
-    pub breaks: Vec<(String, u64)>,
-}
-
-/// What gc did.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
-pub struct GcReport {
-    /// Checkpoint ids removed.
-    pub removed: Vec<u64>,
-    /// Checkpoint ids kept.
-    pub kept: Vec<u64>,
-    /// Blocks deleted.
-    pub blocks_removed: u64,
-    /// Bytes freed.
-    pub bytes_freed: u64,
-}
+/// The default gc safety window of a store on a server (`CUTLINE_GC_WINDOW`, seconds).
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(3600);
 
 impl Store {
-    /// Opens (creating if needed) the store at `root`, checking that it is writable by its
-    /// owner alone; a new store gets its key.
+    /// Opens (creating if needed) the local store at `root`, checking that it is
+    /// writable by its owner alone; a new store gets its key.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
+        Self::prepare_work(root)?;
+        Key::open_or_create(&root.join("key"))?;
+        let objects = Objects::Local(cutline_objects::Local::open(root).map_err(|source| StoreError::Objects {
+            what: "cannot open".into(),
+            store: root.display().to_string(),
+            source,
+        })?);
+        let v1 = Some(root.join("blocks")).filter(|d| d.is_dir());
+        Ok(Store { blocks: Blocks::new(objects.clone(), v1), objects, root: root.to_owned(), window: Duration::ZERO })
+    }
+
+    /// Opens the store at `location` with `work` as its local work directory (ignored for
+    /// a local store, which is its own). A store on a server gets the gc safety window
+    /// `CUTLINE_GC_WINDOW` (seconds; default [`DEFAULT_WINDOW`]).
+    pub fn open_at(location: &Location, work: &Path) -> Result<Store, StoreError> {
+        match location {
+            Location::Local(root) => Store::open(root),
+            Location::S3(_) => {
+                Self::prepare_work(work)?;
+                let objects = Objects::open(location).map_err(|source| StoreError::Objects {
+                    what: "cannot open".into(),
+                    store: format!("{location:?}"),
+                    source,
+                })?;
+                Key::open_or_create_object(&objects)?;
+                let window = std::env::var("CUTLINE_GC_WINDOW")
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .map_or(DEFAULT_WINDOW, Duration::from_secs);
+                Ok(Store { blocks: Blocks::new(objects.clone(), None), objects, root: work.to_owned(), window })
+            }
+        }
+    }
+
+    /// Makes the work directory: private, writable.
+    fn prepare_work(root: &Path) -> Result<(), StoreError> {
         let not_writable = |source| StoreError::NotWritable { path: root.to_owned(), source };
         private::create_dir_all(root).map_err(not_writable)?;
         check_root(root)?;
-        for d in ["blocks", "vms", "tmp"] {
+        for d in ["vms", "tmp"] {
             private::create_dir_all(&root.join(d)).map_err(not_writable)?;
         }
         let probe = root.join("tmp").join(format!(".probe-{}", std::process::id()));
         private::create(&probe).and_then(|mut f| f.write_all(b"x")).map_err(not_writable)?;
         let _ = std::fs::remove_file(&probe);
-        Key::open_or_create(&root.join("key"))?;
-        Ok(Store { blocks: Blocks::new(root.join("blocks"), root.join("tmp")), root: root.to_owned() })
+        Ok(())
     }
 
-    /// Opens an existing store for reading; errors if `root` is not a store.
+    /// Opens an existing local store for reading; errors if `root` is not a store.
     pub fn open_existing(root: &Path) -> Result<Store, StoreError> {
-        if !root.join("vms").is_dir() || !root.join("blocks").is_dir() {
+        if !root.join("vms").is_dir() || !root.join("key").is_file() {
             return Err(StoreError::Io {
-                what: "not a cutline store (no vms/ and blocks/):",
+                what: "not a cutline store (no vms/ and key):",
                 path: root.to_owned(),
                 source: std::io::ErrorKind::NotFound.into(),
             });
         }
         check_root(root)?;
-        Ok(Store { blocks: Blocks::new(root.join("blocks"), root.join("tmp")), root: root.to_owned() })
+        Store::open(root)
     }
 
-    /// The store's root directory.
+    /// The store's local work directory (the store itself when local).
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    /// The block directory.
+    /// The store's objects.
+    pub fn objects(&self) -> &Objects {
+        &self.objects
+    }
+
+    /// The store's blocks.
     pub fn blocks(&self) -> &Blocks {
         &self.blocks
+    }
+
+    /// The gc safety window.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// A writer for the blocks of one checkpoint, after refreshing the view it
+    /// deduplicates against. Hold [`Store::lock_shared`] from before this call until the
+    /// manifest is committed.
+    pub fn writer(&self) -> Result<Writer, StoreError> {
+        self.blocks.refresh()?;
+        Ok(Writer::new(self.blocks.clone(), self.window))
+    }
+
+    /// Where key `key` is, for messages: a path, or the bucket and key.
+    pub fn at(&self, key: &str) -> PathBuf {
+        PathBuf::from(format!("{}/{key}", self.objects.describe()))
+    }
+
+    fn objects_err<'a>(&'a self, what: &'a str) -> impl FnOnce(ObjectsError) -> StoreError + 'a {
+        move |source| StoreError::Objects { what: what.to_owned(), store: self.objects.describe(), source }
+    }
+
+    /// The store's signing key.
+    pub fn key(&self) -> Result<Key, StoreError> {
+        Ok(match &self.objects {
+            Objects::Local(_) => Key::open_or_create(&self.root.join("key"))?,
+            Objects::S3(_) => Key::open_or_create_object(&self.objects)?,
+        })
     }
 
     /// The work directory.
@@ -272,46 +347,44 @@ impl Store {
 
     /// Names of the VMs with checkpoints.
     pub fn names(&self) -> Result<Vec<String>, StoreError> {
-        let dir = self.root.join("vms");
-        let mut out = Vec::new();
-        for e in std::fs::read_dir(&dir).map_err(io("cannot list", &dir))? {
-            let e = e.map_err(io("cannot list", &dir))?;
-            if e.path().is_dir() {
-                out.push(e.file_name().to_string_lossy().into_owned());
-            }
-        }
-        out.sort();
+        let listed = self.objects.list("vms/").map_err(self.objects_err("cannot list the VMs"))?;
+        let mut out: Vec<String> = listed
+            .iter()
+            .filter_map(|m| {
+                let mut parts = m.key.split('/').skip(1);
+                let (name, file) = (parts.next()?, parts.next()?);
+                parse_id(file).map(|_| name.to_owned())
+            })
+            .collect();
+        out.dedup();
         Ok(out)
     }
 
     /// Checkpoint ids of VM `name`, oldest first.
     pub fn ids(&self, name: &str) -> Result<Vec<u64>, StoreError> {
-        let dir = self.vm_dir(name);
-        let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(Vec::new()) };
-        let mut ids: Vec<u64> = entries
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).and_then(|n| n.parse().ok()))
-            .collect();
+        let Ok(listed) = self.objects.list(&format!("vms/{name}/")) else { return Ok(Vec::new()) };
+        let mut ids: Vec<u64> = listed.iter().filter_map(|m| m.key.rsplit('/').next().and_then(parse_id)).collect();
         ids.sort_unstable();
         Ok(ids)
     }
 
-    fn manifest_path(&self, name: &str, id: u64) -> PathBuf {
-        self.vm_dir(name).join(format!("{id:010}.json"))
+    fn manifest_key(name: &str, id: u64) -> String {
+        format!("vms/{name}/{id:010}.json")
     }
 
-    fn tag_path(&self, name: &str, id: u64) -> PathBuf {
-        self.vm_dir(name).join(format!("{id:010}.hmac"))
+    fn tag_key(name: &str, id: u64) -> String {
+        format!("vms/{name}/{id:010}.hmac")
     }
 
     fn read_manifest(&self, name: &str, id: u64) -> Result<(PathBuf, Vec<u8>), StoreError> {
-        let path = self.manifest_path(name, id);
-        let data = std::fs::read(&path).map_err(|_| StoreError::NoCheckpoint {
-            name: name.to_owned(),
-            id: id.to_string(),
-            store: self.root.clone(),
-        })?;
-        Ok((path, data))
+        let key = Self::manifest_key(name, id);
+        let no = || StoreError::NoCheckpoint { name: name.to_owned(), id: id.to_string(), store: self.at("") };
+        let data = match self.objects.get(&key) {
+            Ok(d) => d,
+            Err(ObjectsError::NotFound { .. } | ObjectsError::BadKey { .. }) => return Err(no()),
+            Err(e) => return Err(self.objects_err("cannot read a manifest")(e)),
+        };
+        Ok((self.at(&key), data))
     }
 
     /// Reads and checks checkpoint `id` of VM `name`.
@@ -333,12 +406,19 @@ impl Store {
                 }
             }
             Trust::Signed => {
-                let tag_path = self.tag_path(name, id);
-                let tag = std::fs::read_to_string(&tag_path)
-                    .map_err(|e| untrusted(format!("no signature {}: {e}", tag_path.display())))?;
-                let key = Key::open(&self.root.join("key"))?;
+                let tag_key = Self::tag_key(name, id);
+                let tag = self
+                    .objects
+                    .get(&tag_key)
+                    .ok()
+                    .and_then(|t| String::from_utf8(t).ok())
+                    .ok_or_else(|| untrusted(format!("no signature {}", self.at(&tag_key).display())))?;
+                let key = match &self.objects {
+                    Objects::Local(_) => Key::open(&self.root.join("key"))?,
+                    Objects::S3(_) => self.key()?,
+                };
                 if !key.verify(name, id, &digest, &tag) {
-                    return Err(untrusted(format!("its signature {} does not match", tag_path.display())));
+                    return Err(untrusted(format!("its signature {} does not match", self.at(&tag_key).display())));
                 }
             }
         }
@@ -351,8 +431,7 @@ impl Store {
 
     /// sha256 of a manifest file: what a cluster commit record names.
     pub fn manifest_digest(&self, name: &str, id: u64) -> Result<Hash, StoreError> {
-        let path = self.manifest_path(name, id);
-        let data = std::fs::read(&path).map_err(io("cannot read", &path))?;
+        let (_, data) = self.read_manifest(name, id)?;
         Ok(blocks::sha256_hex(&data))
     }
 
@@ -368,10 +447,11 @@ impl Store {
     /// handed out before (`vms/NAME/last-id`).
     pub fn next_id(&self, name: &str) -> Result<u64, StoreError> {
         let manifests = self.ids(name)?.last().copied().unwrap_or(0);
-        let issued = std::fs::read_to_string(self.vm_dir(name).join("last-id"))
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        let issued = match self.objects.get(&format!("vms/{name}/last-id")) {
+            Ok(d) => String::from_utf8_lossy(&d).trim().parse::<u64>().unwrap_or(0),
+            Err(ObjectsError::NotFound { .. }) => 0,
+            Err(e) => return Err(self.objects_err("cannot read the last checkpoint id")(e)),
+        };
         Ok(manifests.max(issued) + 1)
     }
 
@@ -379,67 +459,50 @@ impl Store {
     /// bitmaps): ids are never reused, whatever a crash left. Durable before it returns.
     pub fn reserve_id(&self, name: &str, above: u64) -> Result<u64, StoreError> {
         let id = self.next_id(name)?.max(above + 1);
-        let dir = self.vm_dir(name);
-        private::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
-        write_atomically(&dir.join("last-id"), id.to_string().as_bytes())?;
+        self.objects
+            .put(&format!("vms/{name}/last-id"), id.to_string().as_bytes())
+            .map_err(self.objects_err("cannot record the checkpoint id"))?;
         Ok(id)
     }
 
-    /// Makes every block written so far durable, signs the manifest, then writes it
-    /// atomically: temp file, fsync, rename, fsync of the directory. The checkpoint exists
-    /// from here.
-    pub fn commit(&self, manifest: &mut Manifest) -> Result<PathBuf, StoreError> {
-        self.sync()?;
+    /// Waits for every block `writer` wrote to be stored, names the packs the manifest
+    /// needs, signs the manifest, then writes it. The checkpoint exists from here; its
+    /// packs join the view other checkpoints deduplicate against. Returns the sha256 of
+    /// the manifest as written.
+    pub fn commit(&self, manifest: &mut Manifest, writer: &Writer) -> Result<Hash, StoreError> {
+        writer.finish()?;
+        let needed = self.blocks_of(manifest);
+        manifest.packs = writer.packs_of(needed.iter().map(String::as_str))?;
         manifest.seal();
-        let dir = self.vm_dir(&manifest.name);
-        private::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
         let bytes = manifest.to_bytes();
-        let key = Key::open_or_create(&self.root.join("key"))?;
-        let tag = key.tag(&manifest.name, manifest.id, &blocks::sha256_hex(&bytes));
-        write_atomically(&self.tag_path(&manifest.name, manifest.id), tag.as_bytes())?;
-        let path = self.manifest_path(&manifest.name, manifest.id);
-        let tmp = self.tmp().join(format!("manifest-{}-{}.json", manifest.name, manifest.id));
-        write_durably(&tmp, &bytes)?;
-        std::fs::rename(&tmp, &path).map_err(io("cannot rename into place", &path))?;
-        File::open(&dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", &dir))?;
-        Ok(path)
+        let digest = blocks::sha256_hex(&bytes);
+        let tag = self.key()?.tag(&manifest.name, manifest.id, &digest);
+        let (name, id) = (&manifest.name, manifest.id);
+        self.objects
+            .put(&Self::tag_key(name, id), tag.as_bytes())
+            .map_err(self.objects_err("cannot sign a manifest"))?;
+        let key = Self::manifest_key(name, id);
+        self.objects.put(&key, &bytes).map_err(self.objects_err("cannot write a manifest"))?;
+        writer.publish();
+        Ok(digest)
     }
 
-    /// Makes everything written to the store's filesystem so far durable (one `syncfs`).
-    pub fn sync(&self) -> Result<(), StoreError> {
-        let root = File::open(&self.root).map_err(io("cannot open", &self.root))?;
-        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)).map_err(|e| StoreError::Io {
-            what: "cannot sync the filesystem of",
-            path: self.root.clone(),
-            source: e.into(),
-        })
-    }
-
-    /// Every block checkpoint `m` needs: its memory and disks, and its stored bases.
-    /// A base whose index cannot be read contributes nothing (verify reports it).
+    /// Every block checkpoint `m` needs: its memory, disks and bases.
     pub fn blocks_of(&self, m: &Manifest) -> Vec<String> {
         let mut out: Vec<String> = m.blocks().map(str::to_owned).collect();
         for b in &m.bases {
-            if let Ok(index) = self.base_index(&b.sha256) {
-                out.extend(index.blocks.into_iter().map(|(h, _)| h).filter(|h| h != manifest::ZERO));
-            }
+            out.extend(b.blocks.iter().map(|(h, _)| h).filter(|h| *h != manifest::ZERO).cloned());
         }
         out
     }
 
     /// Removes checkpoint `id` of `name` (a checkpoint its cluster did not commit); its
-    /// blocks go at the next gc.
+    /// packs go at the next gc.
     pub fn discard(&self, name: &str, id: u64) -> Result<(), StoreError> {
-        for path in [self.manifest_path(name, id), self.tag_path(name, id)] {
-            match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(StoreError::Io { what: "cannot remove", path, source: e });
-                }
-                _ => {}
-            }
+        for key in [Self::manifest_key(name, id), Self::tag_key(name, id)] {
+            self.objects.delete(&key).map_err(self.objects_err("cannot remove a checkpoint"))?;
         }
-        let dir = self.vm_dir(name);
-        File::open(&dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", &dir))
+        Ok(())
     }
 
     /// Compression estimates kept across runs (defaults when none are saved).
@@ -458,141 +521,6 @@ impl Store {
         {
             let _ = std::fs::rename(&tmp, self.root.join("estimates.json"));
         }
-    }
-
-    /// Re-hashes every block of the checkpoints of `name` (or of all VMs), names each
-    /// damaged block and the checkpoints it breaks. Also checks manifests and backing files.
-    pub fn verify(&self, name: Option<&str>, mut progress: impl FnMut(u64, u64)) -> Result<Vec<Damage>, StoreError> {
-        let names = match name {
-            Some(n) => vec![n.to_owned()],
-            None => self.names()?,
-        };
-        let mut damage = Vec::new();
-        let mut users: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
-        let mut backings: BTreeMap<(String, String), Vec<(String, u64)>> = BTreeMap::new();
-        for n in &names {
-            for id in self.ids(n)? {
-                match self.manifest(n, id) {
-                    Ok(m) => {
-                        for b in &m.bases {
-                            if let Err(e) = self.base_index(&b.sha256) {
-                                damage.push(Damage {
-                                    item: format!("base image {} ({})", b.path, b.sha256),
-                                    why: error_chain(&e),
-                                    breaks: vec![(n.clone(), id)],
-                                });
-                            }
-                        }
-                        for h in self.blocks_of(&m) {
-                            users.entry(h).or_default().push((n.clone(), id));
-                        }
-                        for d in &m.disks {
-                            if let Some(b) = &d.backing {
-                                backings
-                                    .entry((b.filename.clone(), b.sha256.clone()))
-                                    .or_default()
-                                    .push((n.clone(), id));
-                            }
-                        }
-                    }
-                    Err(e) => damage.push(Damage {
-                        item: self.manifest_path(n, id).display().to_string(),
-                        why: error_chain(&e),
-                        breaks: vec![(n.clone(), id)],
-                    }),
-                }
-            }
-        }
-        let total = users.len() as u64;
-        for (i, (hash, breaks)) in users.into_iter().enumerate() {
-            if let Err(e) = self.blocks.get(&hash) {
-                let mut breaks = breaks;
-                breaks.dedup();
-                damage.push(Damage { item: format!("block {hash}"), why: error_chain(&e), breaks });
-            }
-            progress(i as u64 + 1, total);
-        }
-        for ((file, sha), breaks) in backings {
-            match hash_file(Path::new(&file)) {
-                Ok(actual) if actual == sha => {}
-                Ok(actual) => damage.push(Damage {
-                    item: format!("backing image {file}"),
-                    why: format!("content changed: sha256 {actual}, recorded {sha}"),
-                    breaks,
-                }),
-                Err(e) => damage.push(Damage { item: format!("backing image {file}"), why: e.to_string(), breaks }),
-            }
-        }
-        Ok(damage)
-    }
-
-    /// Removes the checkpoints of `name` beyond the newest `keep`, then every block no
-    /// remaining checkpoint of any VM uses. Crash-safe: manifests go first, so a block is
-    /// deleted only once nothing that is kept references it.
-    pub fn gc(&self, name: &str, keep: usize) -> Result<GcReport, StoreError> {
-        let _vm = self.lock_vm(name)?;
-        let ids = self.ids(name)?;
-        let cut = ids.len().saturating_sub(keep);
-        let (removed, kept) = ids.split_at(cut);
-        self.remove_checkpoints(name, removed, kept)
-    }
-
-    /// Like [`Store::gc`], keeping exactly the checkpoints `keep` of `name` (a cluster's
-    /// retained epochs) and any newer than all of them (one being taken now).
-    pub fn gc_keep(&self, name: &str, keep: &[u64]) -> Result<GcReport, StoreError> {
-        let ids = self.ids(name)?;
-        let newest_kept = keep.iter().max().copied().unwrap_or(0);
-        let (kept, removed): (Vec<u64>, Vec<u64>) = ids.iter().partition(|id| keep.contains(id) || **id > newest_kept);
-        self.remove_checkpoints(name, &removed, &kept)
-    }
-
-    fn remove_checkpoints(&self, name: &str, removed: &[u64], kept: &[u64]) -> Result<GcReport, StoreError> {
-        let _store = self.lock_exclusive()?;
-        let dir = self.vm_dir(name);
-        for &id in removed {
-            let p = self.manifest_path(name, id);
-            std::fs::remove_file(&p).map_err(io("cannot remove", &p))?;
-            let _ = std::fs::remove_file(self.tag_path(name, id));
-        }
-        File::open(&dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", &dir))?;
-        let mut referenced = BTreeSet::new();
-        let mut bases = BTreeSet::new();
-        for n in self.names()? {
-            for id in self.ids(&n)? {
-                // A damaged manifest still protects the blocks it may name: keep them all
-                // rather than guess, and let verify report it.
-                let path = self.manifest_path(&n, id);
-                let data = std::fs::read(&path).map_err(io("cannot read", &path))?;
-                match Manifest::from_bytes(&data) {
-                    Ok(m) => {
-                        bases.extend(m.bases.iter().map(|b| b.sha256.clone()));
-                        referenced.extend(self.blocks_of(&m));
-                    }
-                    Err(_) => return Err(StoreError::Manifest { path, source: ManifestError::Checksum }),
-                }
-            }
-        }
-        // Bases no kept checkpoint names go first, then every block nothing references.
-        for sha in self.base_hashes().into_iter().filter(|h| !bases.contains(h)) {
-            self.remove_base(&sha)?;
-        }
-        let mut report = GcReport { removed: removed.to_vec(), kept: kept.to_vec(), ..GcReport::default() };
-        let all = self.blocks.list().map_err(io("cannot list", self.blocks.dir()))?;
-        for h in all.into_iter().filter(|h| !referenced.contains(h)) {
-            let size = std::fs::metadata(self.blocks.path(&h)).map(|m| m.len()).unwrap_or(0);
-            self.blocks.remove(&h).map_err(io("cannot remove block", &self.blocks.path(&h)))?;
-            report.blocks_removed += 1;
-            report.bytes_freed += size;
-        }
-        // Every writer of work files (checkpoints, restores) holds the store shared: with it
-        // held exclusively, what is left in tmp/ belongs to no one.
-        if let Ok(entries) = std::fs::read_dir(self.tmp()) {
-            for e in entries.flatten() {
-                let p = e.path();
-                let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
-            }
-        }
-        Ok(report)
     }
 }
 
@@ -615,6 +543,11 @@ pub fn write_durably(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     let mut f = private::create(path).map_err(io("cannot create", path))?;
     f.write_all(data).map_err(io("cannot write", path))?;
     f.sync_all().map_err(io("cannot sync", path))
+}
+
+/// The checkpoint id of a manifest's file name (`0000000007.json`).
+fn parse_id(file: &str) -> Option<u64> {
+    file.strip_suffix(".json")?.parse().ok()
 }
 
 /// Refuses a store root that group or others can write.

@@ -29,8 +29,10 @@ pub const TAIL: usize = 4 + 32 + 8;
 /// Most entries a pack may hold (a pack of 16-byte chunks at 4x the target).
 pub const MAX_ENTRIES: u32 = (4 * PACK_TARGET / 16) as u32;
 
-const CODEC_RAW: u8 = 0;
-const CODEC_ZSTD: u8 = 1;
+/// Codec byte of a chunk stored as is.
+pub const CODEC_RAW: u8 = 0;
+/// Codec byte of a zstd-compressed chunk.
+pub const CODEC_ZSTD: u8 = 1;
 
 /// Why bytes are not a usable pack, trailer or chunk.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -2,41 +2,122 @@
 
 use super::*;
 
+/// Commits checkpoint `m` with `blocks` as its memory, written by a fresh writer.
+fn commit_with(store: &Store, m: &mut Manifest, blocks: &[&[u8]]) {
+    let mut policy = Policy::new(Estimates::default());
+    let w = store.writer().expect("writer");
+    m.memory.blocks.clear();
+    m.memory.bytes = 0;
+    for b in blocks {
+        let put = w.put(b, &mut policy).expect("put");
+        m.memory.blocks.push((put.hash, put.len));
+        m.memory.bytes += put.len;
+    }
+    store.commit(m, &w).expect("commit");
+}
+
 #[test]
 fn commit_list_verify_gc() {
     let d = tempfile::tempdir().expect("tempdir");
     let store = Store::open(d.path()).expect("open");
-    let mut policy = Policy::new(Estimates::default());
-    let shared = store.blocks().put(b"shared block", &mut policy).expect("put");
-    let mut ids = Vec::new();
     for i in 0..3u8 {
-        let own = store.blocks().put(&[i; 100], &mut policy).expect("put");
         let mut m = manifest::tests::sample(store.next_id("vm").expect("id"));
-        m.memory.blocks = vec![(shared.hash.clone(), 12), (own.hash.clone(), 100)];
-        m.memory.bytes = 112;
-        store.commit(&mut m).expect("commit");
-        ids.push(m.id);
+        commit_with(&store, &mut m, &[b"shared block", &[i; 100]]);
+        assert!(!m.packs.is_empty(), "a manifest names its packs");
     }
     assert_eq!(store.ids("vm").expect("ids"), vec![1, 2, 3]);
     assert!(store.verify(Some("vm"), |_, _| {}).expect("verify").is_empty());
+    let m1 = store.manifest("vm", 1).expect("m1");
+    let m2 = store.manifest("vm", 2).expect("m2");
+    assert!(m2.packs.contains(&m1.packs[0]), "the shared block is deduplicated into checkpoint 1's pack");
 
     // Damage the block only checkpoint 2 uses: verify names it and checkpoint 2 alone.
-    let m2 = store.manifest("vm", 2).expect("m2");
     let own2 = m2.memory.blocks[1].0.clone();
-    std::fs::write(store.blocks().path(&own2), b"\x00garbage").expect("damage");
+    let pack = store.blocks().pack_of(&own2).expect("located");
+    let entries = store.blocks().entries(&pack).expect("entries");
+    let e = entries.iter().find(|e| blocks::hex(&e.hash) == own2).expect("entry");
+    let path = d.path().join(blocks::pack_key(&pack));
+    let mut raw = std::fs::read(&path).expect("read");
+    raw[(e.offset + u64::from(e.stored) - 1) as usize] ^= 0x55;
+    std::fs::write(&path, raw).expect("damage");
     let damage = store.verify(Some("vm"), |_, _| {}).expect("verify");
-    assert_eq!(damage.len(), 1);
+    assert_eq!(damage.len(), 1, "{damage:?}");
     assert!(damage[0].item.contains(&own2));
     assert_eq!(damage[0].breaks, vec![("vm".to_owned(), 2)]);
 
     let report = store.gc("vm", 1).expect("gc");
     assert_eq!(report.removed, vec![1, 2]);
     assert_eq!(report.kept, vec![3]);
-    assert_eq!(report.blocks_removed, 2);
+    assert_eq!(report.packs_removed, 1, "checkpoint 2's pack; checkpoint 1's holds a kept block");
     let m3 = store.manifest("vm", 3).expect("m3");
+    let fresh = Store::open(d.path()).expect("reopen");
+    fresh.blocks().load(&m3.packs).expect("load");
     for h in m3.blocks() {
-        store.blocks().get(h).expect("kept blocks intact");
+        fresh.blocks().get(h).expect("kept blocks intact");
     }
+    store.gc("vm", 0).expect("gc all");
+    assert!(store.objects().list("packs/").expect("list").is_empty(), "no pack left");
+    assert!(store.objects().list("index/").expect("list").is_empty(), "no index left");
+}
+
+#[test]
+fn an_aborted_writer_leaves_no_pack() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(d.path()).expect("open");
+    let mut m = manifest::tests::sample(1);
+    commit_with(&store, &mut m, &[b"kept"]);
+    let w = store.writer().expect("writer");
+    let mut policy = Policy::new(Estimates::default());
+    w.put(b"kept", &mut policy).expect("put");
+    w.put(&[9u8; 5000], &mut policy).expect("put");
+    w.finish().expect("finish");
+    let stored = w.abort();
+    assert_eq!(stored.len(), 1);
+    store.drop_packs(&stored);
+    assert_eq!(store.objects().list("packs/").expect("list").len(), 1, "only the committed pack");
+}
+
+#[test]
+fn on_a_server_gc_hides_a_pack_first_and_deletes_it_a_window_later() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(d.path()).expect("open");
+    store.window = std::time::Duration::from_millis(300);
+    let mut m = manifest::tests::sample(1);
+    commit_with(&store, &mut m, &[b"first"]);
+    let mut m2 = manifest::tests::sample(2);
+    commit_with(&store, &mut m2, &[b"second"]);
+    let old = m.packs[0].clone();
+    assert_eq!(store.gc("vm", 1).expect("gc").packs_hidden, 0, "too young to hide");
+    std::thread::sleep(std::time::Duration::from_millis(350));
+    let r = store.gc("vm", 1).expect("gc");
+    assert_eq!((r.packs_hidden, r.packs_removed), (1, 0), "{r:?}");
+    assert!(store.objects().head(&blocks::index_key(&old)).expect("head").is_none(), "its index went first");
+    store.blocks().refresh().expect("refresh");
+    assert!(!store.blocks().dedupable(&m.memory.blocks[0].0), "writers no longer see it");
+    assert_eq!(store.gc("vm", 1).expect("gc").packs_removed, 0, "not a window yet");
+    std::thread::sleep(std::time::Duration::from_millis(350));
+    let r = store.gc("vm", 1).expect("gc");
+    assert_eq!(r.packs_removed, 1, "{r:?}");
+    assert!(store.objects().head(&blocks::pack_key(&old)).expect("head").is_none());
+    assert!(store.verify(None, |_, _| {}).expect("verify").is_empty());
+}
+
+#[test]
+fn a_hidden_pack_a_manifest_names_gets_its_index_back() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(d.path()).expect("open");
+    store.window = std::time::Duration::from_millis(100);
+    let mut m = manifest::tests::sample(1);
+    commit_with(&store, &mut m, &[b"block"]);
+    let pack = m.packs[0].clone();
+    // A pack hidden while a writer that saw it was still at work, which then committed.
+    store.objects().put(&format!("condemned/{}/{pack}", &pack[..2]), b"").expect("mark");
+    store.objects().delete(&blocks::index_key(&pack)).expect("hide");
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    store.gc("vm", 5).expect("gc");
+    assert!(store.objects().head(&blocks::index_key(&pack)).expect("head").is_some(), "index back");
+    assert!(store.objects().list("condemned/").expect("list").is_empty());
+    assert!(store.verify(None, |_, _| {}).expect("verify").is_empty());
 }
 
 #[test]
@@ -44,11 +125,12 @@ fn restore_trusts_only_a_signed_or_committed_manifest() {
     let d = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&d.path().join("s")).expect("open");
     let mut m = manifest::tests::sample(store.next_id("vm").expect("id"));
-    store.commit(&mut m).expect("commit");
+    commit_with(&store, &mut m, &[]);
     let digest = store.manifest_digest("vm", m.id).expect("digest");
     assert_eq!(store.trusted_manifest("vm", m.id, Trust::Signed).expect("signed"), m);
     assert_eq!(store.trusted_manifest("vm", m.id, Trust::Committed(&digest)).expect("committed"), m);
-    let path = store.manifest_path("vm", m.id);
+    let at = |name: &str, id: u64, ext: &str| d.path().join("s").join(format!("vms/{name}/{id:010}.{ext}"));
+    let path = at("vm", m.id, "json");
     let genuine = std::fs::read(&path).expect("read");
 
     // A forged manifest with a valid checksum of its own.
@@ -66,16 +148,16 @@ fn restore_trusts_only_a_signed_or_committed_manifest() {
     std::fs::write(&path, &genuine).expect("restore");
     let vm2 = store.vm_dir("vm2");
     private::create_dir_all(&vm2).expect("mkdir");
-    std::fs::copy(&path, store.manifest_path("vm2", m.id)).expect("copy");
-    std::fs::copy(store.tag_path("vm", m.id), store.tag_path("vm2", m.id)).expect("copy");
-    std::fs::copy(&path, store.manifest_path("vm", m.id + 1)).expect("copy");
-    std::fs::copy(store.tag_path("vm", m.id), store.tag_path("vm", m.id + 1)).expect("copy");
+    std::fs::copy(&path, at("vm2", m.id, "json")).expect("copy");
+    std::fs::copy(at("vm", m.id, "hmac"), at("vm2", m.id, "hmac")).expect("copy");
+    std::fs::copy(&path, at("vm", m.id + 1, "json")).expect("copy");
+    std::fs::copy(at("vm", m.id, "hmac"), at("vm", m.id + 1, "hmac")).expect("copy");
     assert!(store.trusted_manifest("vm2", m.id, Trust::Signed).is_err());
     assert!(store.trusted_manifest("vm", m.id + 1, Trust::Signed).is_err());
 
     // Discarding takes the tag with the manifest.
     store.discard("vm", m.id).expect("discard");
-    assert!(!store.tag_path("vm", m.id).exists());
+    assert!(!at("vm", m.id, "hmac").exists());
 }
 
 #[test]

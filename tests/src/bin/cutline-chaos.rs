@@ -46,6 +46,10 @@ struct Cli {
     /// Size of the store's tmpfs, in MiB.
     #[arg(long, default_value_t = 768)]
     store_mib: u64,
+    /// Keep checkpoints and commit records on a three-node Garage cluster the runner
+    /// starts (needs `garage`; the full-store kind does not apply).
+    #[arg(long)]
+    garage: bool,
     /// Copy the daemons' logs into this directory at the end.
     #[arg(long)]
     logs: Option<PathBuf>,
@@ -84,8 +88,13 @@ fn main() -> ExitCode {
         kinds,
         keep_going: cli.keep_going,
         store_mib: cli.store_mib,
+        garage: cli.garage,
         logs: cli.logs,
     };
+    if opts.garage && opts.kinds.contains(&Kind::FullStore) {
+        eprintln!("cutline-chaos: --garage keeps the store on Garage: leave full-store out of --kinds");
+        return ExitCode::from(2);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -36,6 +36,7 @@ pub struct Cluster {
     pub sidecars: Vec<Daemon>,
     cutline: PathBuf,
     tmpfs: Option<Tmpfs>,
+    garage: Option<crate::garage::Garage>,
     switch: Option<L2Switch>,
     env: Option<TestEnv>,
 }
@@ -64,7 +65,17 @@ impl Cluster {
         std::fs::create_dir_all(&state)?;
         // SAFETY: geteuid has no preconditions and cannot fail.
         let root = unsafe { libc::geteuid() } == 0;
-        let tmpfs = if root {
+        // Checkpoints and records on Garage: the store directory is only the sidecars'
+        // work directory.
+        let garage = if opts.garage {
+            let at = dir.join("garage");
+            Some(tokio::task::spawn_blocking(move || crate::garage::Garage::start(&at)).await??)
+        } else {
+            None
+        };
+        let (s3_env, s3_url) = garage.as_ref().map(|g| (g.env(0), g.url("chaos"))).unzip();
+        let s3_env = s3_env.unwrap_or_default();
+        let tmpfs = if root && garage.is_none() {
             Some(Tmpfs::mount(&store, opts.store_mib, false)?)
         } else {
             anyhow::ensure!(!opts.kinds.contains(&super::faults::Kind::FullStore), "full-store needs root (a tmpfs)");
@@ -73,26 +84,26 @@ impl Cluster {
         };
         let ms = |d: Duration| format!("{}ms", d.as_millis());
         let s = |p: &Path| p.display().to_string();
-        let coordinator = Daemon::new(
-            "coordinator",
-            vec![
-                s(&cutline),
-                "--state".into(),
-                s(&state),
-                "serve".into(),
-                "--interval".into(),
-                ms(opts.interval),
-                "--heartbeat".into(),
-                ms(opts.heartbeat),
-                "--timeout".into(),
-                ms(opts.timeout),
-            ],
-            dir.join("coordinator.log"),
-        );
+        let mut argv = vec![
+            s(&cutline),
+            "--state".into(),
+            s(&state),
+            "serve".into(),
+            "--interval".into(),
+            ms(opts.interval),
+            "--heartbeat".into(),
+            ms(opts.heartbeat),
+            "--timeout".into(),
+            ms(opts.timeout),
+        ];
+        if let Some(url) = &s3_url {
+            argv.extend(["--records".into(), url.clone()]);
+        }
+        let coordinator = Daemon::new("coordinator", argv, dir.join("coordinator.log")).with_env(s3_env.clone());
         let sidecars = guests
             .iter()
             .map(|g| {
-                let argv = vec![
+                let mut argv = vec![
                     s(&sidecar),
                     "serve".into(),
                     "--coordinator".into(),
@@ -104,7 +115,11 @@ impl Cluster {
                     "--store".into(),
                     s(&store),
                 ];
+                if let Some(url) = &s3_url {
+                    argv.extend(["--objects".into(), url.clone()]);
+                }
                 Daemon::new(&format!("sidecar {}", g.name), argv, dir.join(format!("sidecar-{}.log", g.name)))
+                    .with_env(s3_env.clone())
             })
             .collect();
         let mut c = Cluster {
@@ -117,6 +132,7 @@ impl Cluster {
             sidecars,
             cutline,
             tmpfs,
+            garage,
             switch: Some(switch),
             env: Some(env),
         };
@@ -220,6 +236,7 @@ impl Drop for Cluster {
         }
         drop(self.switch.take());
         drop(self.tmpfs.take());
+        drop(self.garage.take());
         drop(self.env.take());
     }
 }

@@ -46,6 +46,8 @@ pub struct Options {
     pub keep_going: bool,
     /// Size of the store's tmpfs, in MiB.
     pub store_mib: u64,
+    /// Keep checkpoints and commit records on a three-node Garage cluster.
+    pub garage: bool,
     /// Copy the daemons' logs here at the end.
     pub logs: Option<PathBuf>,
 }
@@ -64,6 +66,7 @@ impl Default for Options {
             kinds: Kind::ALL.to_vec(),
             keep_going: false,
             store_mib: 768,
+            garage: false,
             logs: None,
         }
     }
@@ -97,6 +100,9 @@ impl Options {
         }
         if self.keep_going {
             cmd.push_str(" --keep-going");
+        }
+        if self.garage {
+            cmd.push_str(" --garage");
         }
         cmd
     }

@@ -27,12 +27,19 @@ pub struct Daemon {
     pub failpoint: Option<&'static str>,
     /// How many times it was started.
     pub starts: u32,
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
     /// A daemon that runs `argv`, logging to `log`; not started yet.
     pub fn new(name: &str, argv: Vec<String>, log: PathBuf) -> Daemon {
-        Daemon { name: name.to_owned(), argv, log, child: None, failpoint: None, starts: 0 }
+        Daemon { name: name.to_owned(), argv, log, child: None, failpoint: None, starts: 0, env: Vec::new() }
+    }
+
+    /// The same daemon, started with `env` in its environment.
+    pub fn with_env(mut self, env: Vec<(String, String)>) -> Daemon {
+        self.env = env;
+        self
     }
 
     /// Starts it (it must not run), with `failpoint` in its environment if given.
@@ -54,6 +61,7 @@ impl Daemon {
             cmd.env("RUST_LOG", "info");
         }
         cmd.env("NO_COLOR", "1");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         match failpoint {
             Some(f) => cmd.env(FAILPOINT_ENV, f),
             None => cmd.env_remove(FAILPOINT_ENV),

@@ -1,0 +1,347 @@
+//! gc and verify of a store of packs.
+//!
+//! gc removes the checkpoints not kept, then sweeps packs: it marks the packs every
+//! remaining manifest names, and lists the manifests again just before it deletes.
+//! - On a local store, writers and gc exclude each other (`lock`): an unmarked pack is
+//!   deleted at once.
+//! - On a server, writers on other hosts do not take that lock. An unmarked pack older
+//!   than the safety window is first *hidden*: its index is deleted (writers that refresh
+//!   their view no longer see it) and a marker `condemned/ab/NAME` records when. A later
+//!   gc deletes it once the marker is a window old and no manifest names it; a writer
+//!   that saw it before it was hidden has committed by then (writers refuse to finish
+//!   after half a window). A hidden pack a manifest names after all gets its index back
+//!   from its own trailer. Ages are measured against the server's clock (a probe object's
+//!   time), never this host's.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use cutline_objects::ObjectsError;
+
+use super::blocks::{self, Hash, index_bytes, index_key, pack_key, pack_of_key};
+use super::{ManifestError, Store, StoreError, error_chain, hash_file, pack};
+
+/// A damaged block and the checkpoints it breaks.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Damage {
+    /// The block (or pack, manifest, base or backing file) at fault.
+    pub item: String,
+    /// What is wrong.
+    pub why: String,
+    /// Checkpoints that cannot be restored because of it: (name, id).
+    pub breaks: Vec<(String, u64)>,
+}
+
+/// What gc did.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct GcReport {
+    /// Checkpoint ids removed.
+    pub removed: Vec<u64>,
+    /// Checkpoint ids kept.
+    pub kept: Vec<u64>,
+    /// Packs deleted.
+    pub packs_removed: u64,
+    /// Packs hidden, to be deleted a safety window later (a store on a server).
+    pub packs_hidden: u64,
+    /// Bytes freed.
+    pub bytes_freed: u64,
+}
+
+impl Store {
+    fn objects_failed(&self, what: &str) -> impl FnOnce(ObjectsError) -> StoreError + use<> {
+        let (what, store) = (what.to_owned(), self.objects().describe());
+        move |source| StoreError::Objects { what, store, source }
+    }
+
+    /// Every pack a manifest of the store names. A damaged manifest may name any pack:
+    /// then nothing can be swept, and the error says which.
+    fn marked(&self) -> Result<BTreeSet<Hash>, StoreError> {
+        let mut out = BTreeSet::new();
+        for n in self.names()? {
+            for id in self.ids(&n)? {
+                let m = self.manifest(&n, id).map_err(|e| match e {
+                    StoreError::Manifest { path, .. } => StoreError::Manifest { path, source: ManifestError::Checksum },
+                    e => e,
+                })?;
+                out.extend(m.packs);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Re-reads every pack the checkpoints of `name` (or of all VMs) name once, checks
+    /// every block against its hash, and names each damaged block and the checkpoints it
+    /// breaks. Also checks manifests and backing files.
+    pub fn verify(&self, name: Option<&str>, mut progress: impl FnMut(u64, u64)) -> Result<Vec<Damage>, StoreError> {
+        let names = match name {
+            Some(n) => vec![n.to_owned()],
+            None => self.names()?,
+        };
+        let mut damage = Vec::new();
+        let mut users: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
+        let mut packs: BTreeMap<Hash, Vec<(String, u64)>> = BTreeMap::new();
+        let mut backings: BTreeMap<(String, String), Vec<(String, u64)>> = BTreeMap::new();
+        for n in &names {
+            for id in self.ids(n)? {
+                let m = match self.manifest(n, id) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let item = self.at(&format!("vms/{n}/{id:010}.json")).display().to_string();
+                        damage.push(Damage { item, why: error_chain(&e), breaks: vec![(n.clone(), id)] });
+                        continue;
+                    }
+                };
+                for h in self.blocks_of(&m) {
+                    users.entry(h).or_default().push((n.clone(), id));
+                }
+                for p in &m.packs {
+                    packs.entry(p.clone()).or_default().push((n.clone(), id));
+                }
+                for d in &m.disks {
+                    if let Some(b) = &d.backing {
+                        backings.entry((b.filename.clone(), b.sha256.clone())).or_default().push((n.clone(), id));
+                    }
+                }
+            }
+        }
+        // Each pack once: its index and every block in it.
+        let mut whole: BTreeSet<Hash> = BTreeSet::new();
+        let mut bad: BTreeMap<Hash, String> = BTreeMap::new();
+        let total = packs.len() as u64 + 1;
+        for (i, (p, breaks)) in packs.iter().enumerate() {
+            let checked = self.blocks().entries(p).and_then(|entries| {
+                let bytes = self.blocks().read_pack(p)?;
+                for e in entries.iter() {
+                    let h = blocks::hex(&e.hash);
+                    let stored = usize::try_from(e.offset)
+                        .ok()
+                        .and_then(|s| bytes.get(s..s.checked_add(e.stored as usize)?))
+                        .ok_or_else(|| blocks::BlockError::Damaged {
+                            hash: h.clone(),
+                            why: format!("pack {p} is short"),
+                        });
+                    match stored.and_then(|s| {
+                        pack::decode(e, s)
+                            .map_err(|x| blocks::BlockError::Damaged { hash: h.clone(), why: x.to_string() })
+                    }) {
+                        Ok(_) => {
+                            whole.insert(h);
+                        }
+                        Err(x) => {
+                            bad.insert(h, error_chain(&x));
+                        }
+                    }
+                }
+                Ok(())
+            });
+            if let Err(e) = checked {
+                let mut breaks = breaks.clone();
+                breaks.dedup();
+                damage.push(Damage { item: format!("pack {p}"), why: error_chain(&e), breaks });
+            }
+            progress(i as u64 + 1, total);
+        }
+        for (hash, mut breaks) in users {
+            if whole.contains(&hash) {
+                continue;
+            }
+            breaks.dedup();
+            let why = match bad.get(&hash) {
+                Some(why) => why.clone(),
+                // A manifest written before packs: its blocks are files.
+                None => match self.blocks().get(&hash) {
+                    Ok(_) => continue,
+                    Err(e) => error_chain(&e),
+                },
+            };
+            damage.push(Damage { item: format!("block {hash}"), why, breaks });
+        }
+        progress(total, total);
+        for ((file, sha), breaks) in backings {
+            match hash_file(Path::new(&file)) {
+                Ok(actual) if actual == sha => {}
+                Ok(actual) => damage.push(Damage {
+                    item: format!("backing image {file}"),
+                    why: format!("content changed: sha256 {actual}, recorded {sha}"),
+                    breaks,
+                }),
+                Err(e) => damage.push(Damage { item: format!("backing image {file}"), why: e.to_string(), breaks }),
+            }
+        }
+        Ok(damage)
+    }
+
+    /// Removes the checkpoints of `name` beyond the newest `keep`, then sweeps the packs
+    /// no remaining checkpoint of any VM names. Crash-safe: manifests go first.
+    pub fn gc(&self, name: &str, keep: usize) -> Result<GcReport, StoreError> {
+        let _vm = self.lock_vm(name)?;
+        let ids = self.ids(name)?;
+        let cut = ids.len().saturating_sub(keep);
+        let (removed, kept) = ids.split_at(cut);
+        self.remove_checkpoints(name, removed, kept)
+    }
+
+    /// Like [`Store::gc`], keeping exactly the checkpoints `keep` of `name` (a cluster's
+    /// retained epochs) and any newer than all of them (one being taken now).
+    pub fn gc_keep(&self, name: &str, keep: &[u64]) -> Result<GcReport, StoreError> {
+        let ids = self.ids(name)?;
+        let newest_kept = keep.iter().max().copied().unwrap_or(0);
+        let (kept, removed): (Vec<u64>, Vec<u64>) = ids.iter().partition(|id| keep.contains(id) || **id > newest_kept);
+        self.remove_checkpoints(name, &removed, &kept)
+    }
+
+    fn remove_checkpoints(&self, name: &str, removed: &[u64], kept: &[u64]) -> Result<GcReport, StoreError> {
+        let _store = self.lock_exclusive()?;
+        for &id in removed {
+            self.discard(name, id)?;
+        }
+        let mut report = GcReport { removed: removed.to_vec(), kept: kept.to_vec(), ..GcReport::default() };
+        self.sweep(&mut report)?;
+        // Every writer of work files (checkpoints, restores) holds the store shared: with it
+        // held exclusively, what is left in tmp/ belongs to no one.
+        if let Ok(entries) = std::fs::read_dir(self.tmp()) {
+            for e in entries.flatten() {
+                let p = e.path();
+                let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            }
+        }
+        Ok(report)
+    }
+
+    /// Deletes (or, on a server, hides and later deletes) the packs no manifest names.
+    fn sweep(&self, report: &mut GcReport) -> Result<(), StoreError> {
+        let objects = self.objects();
+        let list = |prefix: &str| -> Result<BTreeMap<Hash, (u64, SystemTime)>, StoreError> {
+            Ok(objects
+                .list(prefix)
+                .map_err(self.objects_failed("cannot list"))?
+                .into_iter()
+                .filter_map(|m| Some((pack_of_key(&m.key)?.to_owned(), (m.size, m.modified))))
+                .collect())
+        };
+        let packs = list("packs/")?;
+        let indexes = list("index/")?;
+        if self.window().is_zero() {
+            let marked = self.marked()?;
+            for (p, (size, _)) in packs.iter().filter(|(p, _)| !marked.contains(*p)) {
+                self.delete_pack(p)?;
+                report.packs_removed += 1;
+                report.bytes_freed += size;
+            }
+            // Indexes whose pack is gone (a crash between the two deletes).
+            for p in indexes.keys().filter(|p| !packs.contains_key(*p)) {
+                objects.delete(&index_key(p)).map_err(self.objects_failed("cannot delete an index"))?;
+            }
+            self.sweep_v1()?;
+            return Ok(());
+        }
+        let now = self.server_now()?;
+        let age = |t: SystemTime| now.duration_since(t).unwrap_or(Duration::ZERO);
+        let condemned = list("condemned/")?;
+        // Listed last, just before anything is deleted.
+        let marked = self.marked()?;
+        for (p, (size, modified)) in &packs {
+            let hidden = condemned.get(p);
+            if marked.contains(p) {
+                if hidden.is_some() {
+                    self.unhide(p)?;
+                }
+                continue;
+            }
+            match hidden {
+                Some((_, when)) if age(*when) >= self.window() => {
+                    self.delete_pack(p)?;
+                    objects.delete(&condemned_key(p)).map_err(self.objects_failed("cannot delete a marker"))?;
+                    report.packs_removed += 1;
+                    report.bytes_freed += size;
+                }
+                Some(_) => {}
+                None if age(*modified) >= self.window() => {
+                    objects.put(&condemned_key(p), b"").map_err(self.objects_failed("cannot hide a pack"))?;
+                    objects.delete(&index_key(p)).map_err(self.objects_failed("cannot hide a pack"))?;
+                    report.packs_hidden += 1;
+                }
+                None => {}
+            }
+        }
+        for p in condemned.keys().filter(|p| !packs.contains_key(*p)) {
+            objects.delete(&condemned_key(p)).map_err(self.objects_failed("cannot delete a marker"))?;
+        }
+        Ok(())
+    }
+
+    /// The server's time now: the modification time of an object written now.
+    fn server_now(&self) -> Result<SystemTime, StoreError> {
+        let objects = self.objects();
+        objects.put("gc/clock", b"").map_err(self.objects_failed("cannot read the server's clock"))?;
+        match objects.head("gc/clock") {
+            Ok(Some(m)) => Ok(m.modified),
+            Ok(None) => Ok(SystemTime::now()),
+            Err(e) => Err(self.objects_failed("cannot read the server's clock")(e)),
+        }
+    }
+
+    /// Gives hidden pack `p` its index back from its own trailer.
+    fn unhide(&self, p: &str) -> Result<(), StoreError> {
+        let entries = self.blocks().trailer(p)?;
+        let size = self.blocks().objects().head(&pack_key(p)).ok().flatten().map_or(0, |m| m.size);
+        let n = entries.len() * pack::ENTRY + pack::TAIL;
+        let trailer = self
+            .objects()
+            .get_range(&pack_key(p), size.saturating_sub(n as u64)..size)
+            .map_err(self.objects_failed("cannot read a pack's trailer"))?;
+        self.objects()
+            .put(&index_key(p), &index_bytes(size, &trailer))
+            .map_err(self.objects_failed("cannot restore an index"))?;
+        self.objects().delete(&condemned_key(p)).map_err(self.objects_failed("cannot delete a marker"))
+    }
+
+    /// Deletes pack `p`: its index first, so no writer that refreshes sees a pack that is
+    /// going.
+    fn delete_pack(&self, p: &str) -> Result<(), StoreError> {
+        self.objects().delete(&index_key(p)).map_err(self.objects_failed("cannot delete an index"))?;
+        self.objects().delete(&pack_key(p)).map_err(self.objects_failed("cannot delete a pack"))
+    }
+
+    /// Deletes the packs an aborted checkpoint stored that no manifest names, when no
+    /// other writer is active on this host; otherwise they are left to gc.
+    pub fn drop_packs(&self, stored: &[Hash]) {
+        if stored.is_empty() {
+            return;
+        }
+        let Ok(_excl) = self.lock_exclusive_nonblocking() else { return };
+        let Ok(marked) = self.marked() else { return };
+        for p in stored.iter().filter(|p| !marked.contains(*p)) {
+            let _ = self.delete_pack(p);
+        }
+    }
+
+    /// The block files of a local store written before packs that no manifest needs.
+    fn sweep_v1(&self) -> Result<(), StoreError> {
+        let dir = self.root().join("blocks");
+        if !dir.is_dir() {
+            return Ok(());
+        }
+        let mut needed = BTreeSet::new();
+        for n in self.names()? {
+            for id in self.ids(&n)? {
+                needed.extend(self.blocks_of(&self.manifest(&n, id)?));
+            }
+        }
+        for sub in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(sub.path()).into_iter().flatten().flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if blocks::is_block_name(&name) && !needed.contains(&name) {
+                    let _ = std::fs::remove_file(f.path());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The key of hidden pack `p`'s marker.
+fn condemned_key(p: &str) -> String {
+    format!("condemned/{}/{p}", p.get(..2).unwrap_or_default())
+}
