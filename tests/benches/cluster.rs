@@ -42,6 +42,9 @@ fn raw_commit(dir: &std::path::Path, bytes: usize) -> anyhow::Result<f64> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
+    if std::env::var_os("CUTLINE_BENCH_STORES").is_some() {
+        return stores().await;
+    }
     println!(
         "{:>6} {:>14} {:>14} {:>14} {:>14} {:>12} {:>12} {:>10} {:>10}",
         "guests",
@@ -115,5 +118,67 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "detect: SIGKILL of the last guest to the coordinator's failure record; recover: failure to every guest running."
     );
+    Ok(())
+}
+
+/// Commit latency and epoch time of 2 guests with the store local, then on a three-node
+/// Garage (checkpoints and records), each beside its baseline in the same run: the same
+/// record bytes written and fsynced locally, or put to the same Garage.
+/// `CUTLINE_BENCH_STORES=1 cargo bench -p cutline-tests --bench cluster`
+async fn stores() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir_in("/var/tmp")?;
+    let g = tokio::task::block_in_place(|| cutline_tests::garage::Garage::start(&dir.path().join("garage")))?;
+    println!("{:>8} {:>12} {:>14} {:>12}", "store", "commit p50", "baseline p50", "epoch p50");
+    for on_garage in [false, true] {
+        let location = g.location(0, "bench")?;
+        let c = LocalCluster::start(
+            2,
+            &["ledger", "journal"],
+            |mut s| {
+                s.memory_mib = 256;
+                s.disks.push(DiskSpec::qcow2(16));
+                s.setting("balance", BALANCE).setting("jrate", 20)
+            },
+            |cfg| {
+                if on_garage {
+                    cfg.records = Some(location.clone());
+                }
+            },
+        )
+        .await?;
+        let result = async {
+            for _ in 0..6 {
+                c.ask(Request::Checkpoint).await?;
+            }
+            let list = c.ask(Request::List).await?;
+            let record = serde_json::to_vec_pretty(&list["epochs"][0])?;
+            let mut base = Vec::new();
+            for i in 0..6 {
+                if on_garage {
+                    let objects = cutline_objects::Objects::open(&location)?;
+                    let t = Instant::now();
+                    tokio::task::block_in_place(|| objects.put(&format!("raw/{i}"), &record))?;
+                    base.push(t.elapsed().as_secs_f64() * 1000.0);
+                } else {
+                    base.push(raw_commit(&c.env.dir().join("state").join("default").join("epochs"), record.len())?);
+                }
+            }
+            let _ = std::fs::remove_file(c.env.dir().join("state").join("default").join("epochs").join("raw.json"));
+            let f = c.ask(Request::Status).await?["figures"].clone();
+            let q = |k: &str| f[k]["p50"].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "{:>8} {:>9.1} ms {:>11.1} ms {:>9.0} ms",
+                if on_garage { "garage" } else { "local" },
+                q("commit_ms"),
+                pct(&base, 0.5),
+                q("epoch_ms")
+            );
+            Ok::<(), anyhow::Error>(())
+        }
+        .await;
+        c.stop().await;
+        result?;
+    }
+    println!("commit: the record write (the commit point); epoch: prepare to commit, packs stored included");
     Ok(())
 }

@@ -12,6 +12,11 @@
 //! Three runs each, interleaved; medians. Ratios are store bandwidth over baseline
 //! bandwidth, both over the file's logical size.
 //!
+//! Then a local store of 1,000 checkpoints (`CUTLINE_BENCH_CHECKPOINTS`) of one VM, each
+//! naming 256 blocks of 16 KiB of which 16 are new: `verify` of the whole store beside
+//! reading and hashing the same pack files directly, and `gc` down to 10 checkpoints
+//! beside deleting the same number of files directly.
+//!
 //! `cargo bench -p cutline-tests --bench store`
 
 use std::io::Write;
@@ -19,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use cutline_objects::Objects;
 use sidecar::memory::save_file;
+use sidecar::store::manifest::Manifest;
 use sidecar::store::{Estimates, Policy, Store};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -103,6 +109,8 @@ fn main() -> anyhow::Result<()> {
         raw_s / packed_s
     );
 
+    many_checkpoints(dir.path())?;
+
     // Garage: the store vs a raw multipart upload of the same bytes.
     if cutline_tests::garage::binary().is_err() {
         println!("garage: not installed (ci/install.sh --with-garage); skipped");
@@ -128,6 +136,84 @@ fn main() -> anyhow::Result<()> {
         mb / packed_s,
         mb / upload_s,
         upload_s / packed_s
+    );
+    Ok(())
+}
+
+/// verify and gc of a store of many checkpoints, beside the file operations they do.
+fn many_checkpoints(dir: &std::path::Path) -> anyhow::Result<()> {
+    let n: u64 = std::env::var("CUTLINE_BENCH_CHECKPOINTS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
+    let root = dir.join("many");
+    let store = Store::open(&root)?;
+    let mut policy = Policy::new(Estimates { ratio: 1.0, ..Estimates::default() });
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut block = || {
+        (0..16 << 10)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect::<Vec<u8>>()
+    };
+    let mut memory: Vec<Vec<u8>> = (0..256).map(|_| block()).collect();
+    let t = Instant::now();
+    for id in 1..=n {
+        for i in 0..16 {
+            memory[((id * 16 + i) % 256) as usize] = block();
+        }
+        let w = store.writer()?;
+        let mut m = Manifest::empty("vm", id);
+        for b in &memory {
+            let put = w.put(b, &mut policy)?;
+            m.memory.bytes += put.len;
+            m.memory.blocks.push((put.hash, put.len));
+        }
+        store.commit(&mut m, &w)?;
+    }
+    let packs = store.objects().list("packs/")?;
+    println!(
+        "{n} checkpoints: built in {:.1} s, {} packs, {:.0} MiB",
+        t.elapsed().as_secs_f64(),
+        packs.len(),
+        packs.iter().map(|p| p.size).sum::<u64>() as f64 / (1 << 20) as f64
+    );
+    let t = Instant::now();
+    let damage = store.verify(None, |_, _| {})?;
+    let verify_s = t.elapsed().as_secs_f64();
+    anyhow::ensure!(damage.is_empty(), "{damage:?}");
+    let t = Instant::now();
+    for p in &packs {
+        use sha2::Digest;
+        let bytes = std::fs::read(root.join(&p.key))?;
+        std::hint::black_box(sha2::Sha256::digest(&bytes));
+    }
+    let read_s = t.elapsed().as_secs_f64();
+    println!(
+        "verify: {verify_s:.2} s; reading and hashing the pack files: {read_s:.2} s; ratio {:.2}",
+        read_s / verify_s
+    );
+    let t = Instant::now();
+    let r = store.gc("vm", 10)?;
+    let gc_s = t.elapsed().as_secs_f64();
+    // Baseline: as many files and manifests created and deleted directly.
+    let base = dir.join("files");
+    std::fs::create_dir_all(&base)?;
+    let count = r.packs_removed as usize + 2 * r.removed.len();
+    for i in 0..count {
+        std::fs::write(base.join(i.to_string()), b"x")?;
+    }
+    let t = Instant::now();
+    for i in 0..count {
+        std::fs::remove_file(base.join(i.to_string()))?;
+    }
+    let rm_s = t.elapsed().as_secs_f64();
+    println!(
+        "gc to 10 checkpoints: {gc_s:.2} s ({} checkpoints, {} packs, {:.0} MiB freed); deleting {count} files directly: {rm_s:.2} s",
+        r.removed.len(),
+        r.packs_removed,
+        r.bytes_freed as f64 / (1 << 20) as f64
     );
     Ok(())
 }

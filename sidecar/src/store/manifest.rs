@@ -289,6 +289,35 @@ impl Manifest {
         Ok(())
     }
 
+    /// A manifest of checkpoint `id` of `name` with no memory, disk or base yet (for
+    /// tools, tests and benchmarks that fill in the rest).
+    pub fn empty(name: &str, id: u64) -> Manifest {
+        Manifest {
+            format: FORMAT,
+            id,
+            name: name.to_owned(),
+            parent: None,
+            created_unix_ms: 1,
+            mode: "background-snapshot".into(),
+            mode_reason: None,
+            qemu_version: "10.0.2".into(),
+            qemu_package: String::new(),
+            machine: "pc-q35-10.0".into(),
+            ram_bytes: 1 << 27,
+            argv: vec!["qemu-system-x86_64".into()],
+            cwd: None,
+            qmp: "/tmp/q.sock".into(),
+            pidfile: None,
+            memory: Stream { layout: "stream".into(), bytes: 0, blocks: vec![], bytes_stored: 0 },
+            disks: vec![],
+            bases: vec![],
+            packs: vec![],
+            timings: Timings::default(),
+            bytes_stored: 0,
+            checksum: String::new(),
+        }
+    }
+
     /// Every block this checkpoint references.
     pub fn blocks(&self) -> impl Iterator<Item = &str> {
         self.memory
@@ -306,28 +335,9 @@ pub(crate) mod tests {
 
     pub(crate) fn sample(id: u64) -> Manifest {
         let mut m = Manifest {
-            format: FORMAT,
-            id,
-            name: "vm".into(),
-            parent: None,
-            created_unix_ms: 1,
-            mode: "background-snapshot".into(),
-            mode_reason: None,
-            qemu_version: "10.0.2".into(),
-            qemu_package: String::new(),
-            machine: "pc-q35-10.0".into(),
-            ram_bytes: 1 << 27,
-            argv: vec!["qemu-system-x86_64".into()],
-            cwd: None,
-            qmp: "/tmp/q.sock".into(),
-            pidfile: None,
             memory: Stream { layout: "stream".into(), bytes: 3, blocks: vec![("a".repeat(64), 3)], bytes_stored: 3 },
-            disks: vec![],
-            bases: vec![],
-            packs: vec![],
-            timings: Timings::default(),
             bytes_stored: 3,
-            checksum: String::new(),
+            ..Manifest::empty("vm", id)
         };
         m.seal();
         m

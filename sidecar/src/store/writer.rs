@@ -29,7 +29,7 @@ use super::pack::{CODEC_RAW, CODEC_ZSTD, Entry, PackBuilder, Sealed};
 /// Sealed packs waiting for the uploaders: bounds the memory a slow store costs.
 const QUEUED_PACKS: usize = 2;
 /// Packs stored at once (a server takes parallel uploads faster than one at a time).
-const UPLOADERS: usize = 2;
+const UPLOADERS: usize = 4;
 
 /// The blocks of one checkpoint being written; cheap to clone, shared by its threads.
 #[derive(Debug, Clone)]
