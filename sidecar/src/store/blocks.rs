@@ -364,8 +364,30 @@ impl Blocks {
         pack::parse_trailer(&trailer, meta.size).map_err(bad)
     }
 
-    /// Makes the blocks of `packs` (the packs a manifest names) readable.
+    /// The packs that took the live blocks of pack `name` when gc repacked it, if it did
+    /// (`moved/ab/NAME`: their names, one per line).
+    pub fn forward(&self, name: &str) -> Result<Option<Vec<Hash>>, BlockError> {
+        let key = format!("moved/{}/{name}", name.get(..2).unwrap_or_default());
+        let data = match self.inner.objects.get(&key) {
+            Ok(d) => d,
+            Err(ObjectsError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.objects_err(format!("cannot read the forward of pack {name}"))(e)),
+        };
+        let text = String::from_utf8_lossy(&data);
+        let targets: Vec<Hash> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect();
+        if let Some(bad) = targets.iter().find(|t| !is_block_name(t)) {
+            return Err(BlockError::Damaged { hash: name.to_owned(), why: format!("its forward names {bad:?}") });
+        }
+        Ok(Some(targets))
+    }
+
+    /// Makes the blocks of `packs` (the packs a manifest names) readable; a pack gc
+    /// repacked is read through the packs its forward names.
     pub fn load(&self, packs: &[Hash]) -> Result<(), BlockError> {
+        self.load_depth(packs, 0)
+    }
+
+    fn load_depth(&self, packs: &[Hash], depth: u32) -> Result<(), BlockError> {
         for name in packs {
             if !is_block_name(name) {
                 return Err(BlockError::Damaged { hash: name.clone(), why: "not a pack name (a sha256)".into() });
@@ -377,8 +399,13 @@ impl Blocks {
             if loaded {
                 continue;
             }
-            let entries = self.entries(name)?;
-            self.view_mut().add(name, &entries, false);
+            match self.entries(name) {
+                Ok(entries) => self.view_mut().add(name, &entries, false),
+                Err(e) => match self.forward(name)? {
+                    Some(targets) if depth < 8 => self.load_depth(&targets, depth + 1)?,
+                    _ => return Err(e),
+                },
+            }
         }
         Ok(())
     }
@@ -407,8 +434,28 @@ impl Blocks {
         Ok(bytes)
     }
 
-    /// Reads block `hash`, checking that its content hashes to its name.
+    /// Drops pack `name` from the view (gc deleted it).
+    pub fn forget(&self, name: &str) {
+        let mut v = self.view_mut();
+        v.indexes.remove(name);
+        v.loaded_packs.remove(name);
+        if let Some(id) = v.ids.get(name).copied() {
+            v.listed.retain(|_, l| l.pack != id);
+            v.loaded.retain(|_, l| l.pack != id);
+        }
+        drop(v);
+        if let Ok(mut c) = self.inner.cache.lock() {
+            c.retain(|(n, _)| n != name);
+        }
+    }
+
+    /// Reads block `hash`, checking that its content hashes to its name. A pack gone
+    /// since it was listed (gc repacked it) is followed to the packs its forward names.
     pub fn get(&self, hash: &str) -> Result<Vec<u8>, BlockError> {
+        self.get_once(hash, false)
+    }
+
+    fn get_once(&self, hash: &str, retried: bool) -> Result<Vec<u8>, BlockError> {
         // A name from a manifest: nothing else (`..`, `/`) reaches the store.
         let Some(digest) = digest_bytes(hash) else {
             return Err(BlockError::Damaged { hash: hash.to_owned(), why: "not a block name (a sha256)".into() });
@@ -418,7 +465,17 @@ impl Blocks {
             v.listed.get(&digest).or_else(|| v.loaded.get(&digest)).map(|l| (v.names[l.pack as usize].clone(), *l))
         };
         let Some((name, loc)) = found else { return self.get_v1(hash) };
-        let bytes = self.pack_bytes(&name)?;
+        let bytes = match self.pack_bytes(&name) {
+            Ok(b) => b,
+            Err(BlockError::Objects { source, .. }) if matches!(*source, ObjectsError::NotFound { .. }) && !retried => {
+                self.forget(&name);
+                if let Some(targets) = self.forward(&name)? {
+                    self.load(&targets)?;
+                }
+                return self.get_once(hash, true);
+            }
+            Err(e) => return Err(e),
+        };
         let stored = usize::try_from(loc.entry.offset)
             .ok()
             .and_then(|start| bytes.get(start..start.checked_add(loc.entry.stored as usize)?))

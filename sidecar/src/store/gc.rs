@@ -44,6 +44,8 @@ pub struct GcReport {
     pub packs_removed: u64,
     /// Packs hidden, to be deleted a safety window later (a store on a server).
     pub packs_hidden: u64,
+    /// Mostly-dead packs whose live blocks were rewritten into new packs.
+    pub packs_repacked: u64,
     /// Bytes freed.
     pub bytes_freed: u64,
 }
@@ -54,20 +56,47 @@ impl Store {
         move |source| StoreError::Objects { what, store, source }
     }
 
-    /// Every pack a manifest of the store names. A damaged manifest may name any pack:
-    /// then nothing can be swept, and the error says which.
-    fn marked(&self) -> Result<BTreeSet<Hash>, StoreError> {
-        let mut out = BTreeSet::new();
+    /// Every pack a manifest of the store names, and every block one names. A damaged
+    /// manifest may name any pack: then nothing can be swept, and the error says which.
+    fn marked(&self) -> Result<(BTreeSet<Hash>, BTreeSet<Hash>), StoreError> {
+        let (mut packs, mut live) = (BTreeSet::new(), BTreeSet::new());
         for n in self.names()? {
             for id in self.ids(&n)? {
                 let m = self.manifest(&n, id).map_err(|e| match e {
                     StoreError::Manifest { path, .. } => StoreError::Manifest { path, source: ManifestError::Checksum },
                     e => e,
                 })?;
-                out.extend(m.packs);
+                live.extend(self.blocks_of(&m));
+                packs.extend(m.packs);
+            }
+        }
+        Ok((packs, live))
+    }
+
+    /// The forwards of repacked packs: each to the packs that took its live blocks.
+    fn forwards(&self) -> Result<BTreeMap<Hash, Vec<Hash>>, StoreError> {
+        let mut out = BTreeMap::new();
+        for m in self.objects().list("moved/").map_err(self.objects_failed("cannot list the forwards"))? {
+            let Some(p) = pack_of_key(&m.key) else { continue };
+            if let Some(targets) = self.blocks().forward(p)? {
+                out.insert(p.to_owned(), targets);
             }
         }
         Ok(out)
+    }
+
+    /// The packs reachable from `named` through forwards.
+    fn reach(named: &BTreeSet<Hash>, fwd: &BTreeMap<Hash, Vec<Hash>>) -> BTreeSet<Hash> {
+        let mut out = BTreeSet::new();
+        let mut todo: Vec<Hash> = named.iter().cloned().collect();
+        while let Some(p) = todo.pop() {
+            if out.insert(p.clone())
+                && let Some(t) = fwd.get(&p)
+            {
+                todo.extend(t.iter().cloned());
+            }
+        }
+        out
     }
 
     /// Re-reads every pack the checkpoints of `name` (or of all VMs) name once, checks
@@ -105,6 +134,28 @@ impl Store {
                 }
             }
         }
+        // A pack gc repacked is checked through the packs that took its blocks.
+        let fwd = self.forwards()?;
+        let existing: BTreeSet<Hash> = self
+            .objects()
+            .list("packs/")
+            .map_err(self.objects_failed("cannot list the packs"))?
+            .iter()
+            .filter_map(|m| pack_of_key(&m.key).map(str::to_owned))
+            .collect();
+        let mut resolved: BTreeMap<Hash, Vec<(String, u64)>> = BTreeMap::new();
+        for (p, breaks) in packs {
+            let mut todo = vec![(p, 0)];
+            while let Some((q, depth)) = todo.pop() {
+                match fwd.get(&q) {
+                    Some(t) if !existing.contains(&q) && depth < 8 => {
+                        todo.extend(t.iter().map(|t| (t.clone(), depth + 1)))
+                    }
+                    _ => resolved.entry(q).or_default().extend(breaks.iter().cloned()),
+                }
+            }
+        }
+        let packs = resolved;
         // Each pack once: its index and every block in it.
         let mut whole: BTreeSet<Hash> = BTreeSet::new();
         let mut bad: BTreeMap<Hash, String> = BTreeMap::new();
@@ -209,7 +260,8 @@ impl Store {
         Ok(report)
     }
 
-    /// Deletes (or, on a server, hides and later deletes) the packs no manifest names.
+    /// Deletes (or, on a server, hides and later deletes) the packs no manifest names,
+    /// then repacks the mostly-dead ones.
     fn sweep(&self, report: &mut GcReport) -> Result<(), StoreError> {
         let objects = self.objects();
         let list = |prefix: &str| -> Result<BTreeMap<Hash, (u64, SystemTime)>, StoreError> {
@@ -223,27 +275,38 @@ impl Store {
         let packs = list("packs/")?;
         let indexes = list("index/")?;
         if self.window().is_zero() {
-            let marked = self.marked()?;
-            for (p, (size, _)) in packs.iter().filter(|(p, _)| !marked.contains(*p)) {
+            let (named, live) = self.marked()?;
+            let fwd = self.forwards()?;
+            let reach = Self::reach(&named, &fwd);
+            // Unreachable packs, and repacked ones (their live blocks are in their targets).
+            for (p, (size, _)) in packs.iter().filter(|(p, _)| !reach.contains(*p) || fwd.contains_key(*p)) {
                 self.delete_pack(p)?;
                 report.packs_removed += 1;
                 report.bytes_freed += size;
+            }
+            for p in fwd.keys().filter(|p| !reach.contains(*p)) {
+                objects.delete(&moved_key(p)).map_err(self.objects_failed("cannot delete a forward"))?;
             }
             // Indexes whose pack is gone (a crash between the two deletes).
             for p in indexes.keys().filter(|p| !packs.contains_key(*p)) {
                 objects.delete(&index_key(p)).map_err(self.objects_failed("cannot delete an index"))?;
             }
             self.sweep_v1()?;
-            return Ok(());
+            let kept: Vec<Hash> =
+                packs.keys().filter(|p| reach.contains(*p) && !fwd.contains_key(*p)).cloned().collect();
+            return self.repack(&kept, &live, report);
         }
         let now = self.server_now()?;
         let age = |t: SystemTime| now.duration_since(t).unwrap_or(Duration::ZERO);
         let condemned = list("condemned/")?;
         // Listed last, just before anything is deleted.
-        let marked = self.marked()?;
+        let (named, live) = self.marked()?;
+        let fwd = self.forwards()?;
+        let reach = Self::reach(&named, &fwd);
         for (p, (size, modified)) in &packs {
             let hidden = condemned.get(p);
-            if marked.contains(p) {
+            let forwarded = fwd.get(p);
+            if reach.contains(p) && forwarded.is_none() {
                 if hidden.is_some() {
                     self.unhide(p)?;
                 }
@@ -251,15 +314,24 @@ impl Store {
             }
             match hidden {
                 Some((_, when)) if age(*when) >= self.window() => {
+                    // A repacked pack a writer deduplicated against before it was hidden:
+                    // keep it unless its targets hold every block manifests need of it.
+                    if let Some(targets) = forwarded
+                        && reach.contains(p)
+                        && !self.covered(p, targets, &live)?
+                    {
+                        self.unhide(p)?;
+                        objects.delete(&moved_key(p)).map_err(self.objects_failed("cannot delete a forward"))?;
+                        continue;
+                    }
                     self.delete_pack(p)?;
                     objects.delete(&condemned_key(p)).map_err(self.objects_failed("cannot delete a marker"))?;
                     report.packs_removed += 1;
                     report.bytes_freed += size;
                 }
                 Some(_) => {}
-                None if age(*modified) >= self.window() => {
-                    objects.put(&condemned_key(p), b"").map_err(self.objects_failed("cannot hide a pack"))?;
-                    objects.delete(&index_key(p)).map_err(self.objects_failed("cannot hide a pack"))?;
+                None if forwarded.is_some() || age(*modified) >= self.window() => {
+                    self.hide(p)?;
                     report.packs_hidden += 1;
                 }
                 None => {}
@@ -267,6 +339,92 @@ impl Store {
         }
         for p in condemned.keys().filter(|p| !packs.contains_key(*p)) {
             objects.delete(&condemned_key(p)).map_err(self.objects_failed("cannot delete a marker"))?;
+        }
+        for p in fwd.keys().filter(|p| !reach.contains(*p) && !packs.contains_key(*p)) {
+            objects.delete(&moved_key(p)).map_err(self.objects_failed("cannot delete a forward"))?;
+        }
+        let kept: Vec<Hash> = packs
+            .keys()
+            .filter(|p| reach.contains(*p) && !fwd.contains_key(*p) && !condemned.contains_key(*p))
+            .cloned()
+            .collect();
+        self.repack(&kept, &live, report)
+    }
+
+    /// Hides pack `p` (a server store): its marker first, then its index goes.
+    fn hide(&self, p: &str) -> Result<(), StoreError> {
+        self.objects().put(&condemned_key(p), b"").map_err(self.objects_failed("cannot hide a pack"))?;
+        self.objects().delete(&index_key(p)).map_err(self.objects_failed("cannot hide a pack"))
+    }
+
+    /// True when the packs `targets` hold every block of pack `p` that `live` holds.
+    fn covered(&self, p: &str, targets: &[Hash], live: &BTreeSet<Hash>) -> Result<bool, StoreError> {
+        let mut have = BTreeSet::new();
+        for t in targets {
+            match self.blocks().entries(t) {
+                Ok(e) => have.extend(e.iter().map(|e| e.hash)),
+                Err(_) => return Ok(false),
+            }
+        }
+        let needed = self.blocks().entries(p)?;
+        Ok(needed.iter().filter(|e| live.contains(&blocks::hex(&e.hash))).all(|e| have.contains(&e.hash)))
+    }
+
+    /// Packs of `kept` whose live blocks are under half their bytes are rewritten: the
+    /// live blocks go to new packs, a forward `moved/ab/NAME` names them, and the old
+    /// pack goes (at once on a local store; hidden first on a server). Manifests are
+    /// never rewritten: they are signed and committed by digest, and a restore follows
+    /// the forward of a pack it does not find.
+    fn repack(&self, kept: &[Hash], live: &BTreeSet<Hash>, report: &mut GcReport) -> Result<(), StoreError> {
+        let mut todo: Vec<(Hash, Vec<Vec<u8>>, Vec<Hash>)> = Vec::new();
+        for p in kept {
+            let Ok(entries) = self.blocks().entries(p) else { continue };
+            let total: u64 = entries.iter().map(|e| u64::from(e.stored)).sum();
+            let alive: Vec<&pack::Entry> = entries.iter().filter(|e| live.contains(&blocks::hex(&e.hash))).collect();
+            let alive_bytes: u64 = alive.iter().map(|e| u64::from(e.stored)).sum();
+            if total == 0 || alive_bytes * 2 >= total {
+                continue;
+            }
+            // A pack that does not read back whole is left for verify to report.
+            let Ok(bytes) = self.blocks().read_pack(p) else { continue };
+            let decoded: Option<Vec<Vec<u8>>> = alive
+                .iter()
+                .map(|e| {
+                    let s = usize::try_from(e.offset).ok()?;
+                    pack::decode(e, bytes.get(s..s.checked_add(e.stored as usize)?)?).ok()
+                })
+                .collect();
+            if let Some(d) = decoded {
+                todo.push((p.clone(), d, alive.iter().map(|e| blocks::hex(&e.hash)).collect()));
+            }
+        }
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let w = super::Writer::isolated(self.blocks().clone());
+        let mut policy = super::Policy::new(self.estimates());
+        for (_, data, _) in &todo {
+            for d in data {
+                w.put(d, &mut policy)?;
+            }
+        }
+        w.finish()?;
+        for (p, _, hashes) in &todo {
+            let targets = w.packs_of(hashes.iter().map(String::as_str))?;
+            self.objects()
+                .put(&moved_key(p), targets.join("\n").as_bytes())
+                .map_err(self.objects_failed("cannot write a forward"))?;
+        }
+        w.publish();
+        for (p, _, _) in &todo {
+            if self.window().is_zero() {
+                let size = self.objects().head(&pack_key(p)).ok().flatten().map_or(0, |m| m.size);
+                self.delete_pack(p)?;
+                report.bytes_freed += size;
+            } else {
+                self.hide(p)?;
+            }
+            report.packs_repacked += 1;
         }
         Ok(())
     }
@@ -300,6 +458,7 @@ impl Store {
     /// Deletes pack `p`: its index first, so no writer that refreshes sees a pack that is
     /// going.
     fn delete_pack(&self, p: &str) -> Result<(), StoreError> {
+        self.blocks().forget(p);
         self.objects().delete(&index_key(p)).map_err(self.objects_failed("cannot delete an index"))?;
         self.objects().delete(&pack_key(p)).map_err(self.objects_failed("cannot delete a pack"))
     }
@@ -311,7 +470,8 @@ impl Store {
             return;
         }
         let Ok(_excl) = self.lock_exclusive_nonblocking() else { return };
-        let Ok(marked) = self.marked() else { return };
+        let (Ok((named, _)), Ok(fwd)) = (self.marked(), self.forwards()) else { return };
+        let marked = Self::reach(&named, &fwd);
         for p in stored.iter().filter(|p| !marked.contains(*p)) {
             let _ = self.delete_pack(p);
         }
@@ -339,6 +499,11 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// The key of repacked pack `p`'s forward.
+pub fn moved_key(p: &str) -> String {
+    format!("moved/{}/{p}", p.get(..2).unwrap_or_default())
 }
 
 /// The key of hidden pack `p`'s marker.

@@ -206,3 +206,66 @@ fn many_writers_may_replace_one_file_at_once() {
     assert_eq!(std::fs::read(&path).expect("read").len(), 64);
     assert_eq!(std::fs::read_dir(d.path()).expect("ls").count(), 1, "no temp file left");
 }
+
+fn distinct(n: usize, seed: u8) -> Vec<Vec<u8>> {
+    (0..n).map(|i| (0..10_000u32).map(|j| (j as u8).wrapping_mul(31).wrapping_add(i as u8 ^ seed)).collect()).collect()
+}
+
+#[test]
+fn a_mostly_dead_pack_is_repacked_and_old_manifests_follow_its_forward() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(d.path()).expect("open");
+    let a = distinct(10, 1);
+    let refs: Vec<&[u8]> = a.iter().map(Vec::as_slice).collect();
+    let mut m1 = manifest::tests::sample(1);
+    commit_with(&store, &mut m1, &refs);
+    let old = m1.packs[0].clone();
+    let b = distinct(1, 2);
+    let mut m2 = manifest::tests::sample(2);
+    commit_with(&store, &mut m2, &[&a[0], &b[0]]);
+    assert!(m2.packs.contains(&old), "block a0 is deduplicated into checkpoint 1's pack");
+
+    let r = store.gc("vm", 1).expect("gc");
+    assert_eq!(r.packs_repacked, 1, "{r:?}");
+    assert!(store.objects().head(&blocks::pack_key(&old)).expect("head").is_none(), "the old pack went");
+    assert_eq!(store.objects().list("moved/").expect("list").len(), 1);
+    // Checkpoint 2's manifest is unchanged (signed, committed by digest) and still restores.
+    let fresh = Store::open(d.path()).expect("reopen");
+    let m2 = fresh.trusted_manifest("vm", 2, Trust::Signed).expect("signed as before");
+    fresh.blocks().load(&m2.packs).expect("load through the forward");
+    assert_eq!(fresh.blocks().get(&m2.memory.blocks[0].0).expect("a0"), a[0]);
+    assert!(fresh.verify(None, |_, _| {}).expect("verify").is_empty());
+    // The process that ran gc reads it too (its view dropped the old pack).
+    store.blocks().load(&m2.packs).expect("load");
+    assert_eq!(store.blocks().get(&m2.memory.blocks[0].0).expect("a0"), a[0]);
+
+    // Once nothing names the old pack, its forward and the new pack go too.
+    let mut m3 = manifest::tests::sample(3);
+    commit_with(&store, &mut m3, &[&b[0]]);
+    store.gc("vm", 1).expect("gc");
+    assert!(store.objects().list("moved/").expect("list").is_empty());
+    assert_eq!(store.objects().list("packs/").expect("list").len(), 1, "checkpoint 2's own pack, which 3 uses");
+}
+
+#[test]
+fn on_a_server_a_repacked_pack_is_hidden_then_deleted_when_its_forward_covers_it() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(d.path()).expect("open");
+    store.window = std::time::Duration::from_millis(200);
+    let a = distinct(10, 3);
+    let refs: Vec<&[u8]> = a.iter().map(Vec::as_slice).collect();
+    let mut m1 = manifest::tests::sample(1);
+    commit_with(&store, &mut m1, &refs);
+    let old = m1.packs[0].clone();
+    let mut m2 = manifest::tests::sample(2);
+    commit_with(&store, &mut m2, &[&a[0]]);
+    let r = store.gc("vm", 1).expect("gc");
+    assert_eq!((r.packs_repacked, r.packs_removed), (1, 0), "{r:?}");
+    assert!(store.objects().head(&blocks::pack_key(&old)).expect("head").is_some(), "hidden, not deleted");
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    let r = store.gc("vm", 1).expect("gc");
+    assert_eq!(r.packs_removed, 1, "{r:?}");
+    let fresh = Store::open(d.path()).expect("reopen");
+    fresh.blocks().load(&m2.packs).expect("load through the forward");
+    assert_eq!(fresh.blocks().get(&m2.memory.blocks[0].0).expect("a0"), a[0]);
+}

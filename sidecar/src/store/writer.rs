@@ -40,6 +40,8 @@ pub struct Writer {
 #[derive(Debug)]
 struct Inner {
     blocks: Blocks,
+    /// Deduplicate against the view (not when repacking blocks that are in it).
+    view: bool,
     window: Duration,
     started: Instant,
     state: Mutex<State>,
@@ -77,6 +79,16 @@ impl Writer {
     /// A writer into `blocks`, whose view the caller has just refreshed. With a gc
     /// safety window, it refuses to finish after half of it.
     pub fn new(blocks: Blocks, window: Duration) -> Writer {
+        Self::make(blocks, window, true)
+    }
+
+    /// A writer that stores every block once, whether the view holds it or not: gc's,
+    /// moving live blocks out of mostly-dead packs.
+    pub fn isolated(blocks: Blocks) -> Writer {
+        Self::make(blocks, Duration::ZERO, false)
+    }
+
+    fn make(blocks: Blocks, window: Duration, view: bool) -> Writer {
         let done = Arc::new(Mutex::new(Done::default()));
         let (tx, rx) = sync_channel::<Sealed>(QUEUED_PACKS);
         let rx = Arc::new(Mutex::new(rx));
@@ -105,6 +117,7 @@ impl Writer {
         Writer {
             inner: Arc::new(Inner {
                 blocks,
+                view,
                 window,
                 started: Instant::now(),
                 state: Mutex::default(),
@@ -128,7 +141,9 @@ impl Writer {
         let digest: [u8; 32] = Sha256::digest(data).into();
         let (hash, len) = (hex(&digest), data.len() as u64);
         let known = Put { hash: hash.clone(), len, stored: 0 };
-        if self.inner.blocks.listed(&digest).is_some() || lock(&self.inner.state).own.contains_key(&digest) {
+        if (self.inner.view && self.inner.blocks.listed(&digest).is_some())
+            || lock(&self.inner.state).own.contains_key(&digest)
+        {
             return Ok(known);
         }
         let mut compressed = None;
