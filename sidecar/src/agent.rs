@@ -272,7 +272,7 @@ impl Agent {
             store: self.cfg.store.display().to_string(),
             pid,
             pid_start: self.pid_start,
-            checkpoints: self.store.ids(&self.cfg.name).unwrap_or_default(),
+            checkpoints: self.store.ids_async(&self.cfg.name).await.unwrap_or_default(),
             token: self.cfg.coordinator.token().map(|t| t.expose().to_owned()),
         };
         let _ = tx.send(Envelope { inc: 0, vt: self.clock.clone(), msg: register });
@@ -396,7 +396,7 @@ impl Agent {
         let name = self.cfg.name.clone();
         for id in aborted {
             tracing::info!(vm = %name, id, "discarding a checkpoint the coordinator names aborted");
-            if let Err(e) = self.store.discard(&name, *id) {
+            if let Err(e) = self.store.discard_async(&name, *id).await {
                 tracing::warn!(vm = %name, id, "cannot discard: {e}");
             }
         }

@@ -94,7 +94,7 @@ impl Agent {
                 if let Some(d) = self.durable.take() {
                     let r = match &self.qmp {
                         Some(q) => d.discard(q, &self.store).await,
-                        None => self.store.discard(&self.cfg.name, d.manifest.id),
+                        None => self.store.discard_async(&self.cfg.name, d.manifest.id).await,
                     };
                     if let Err(e) = r {
                         tracing::warn!(vm = %self.cfg.name, "cannot discard checkpoint {}: {e}", d.manifest.id);
@@ -223,7 +223,7 @@ impl Agent {
                 tracing::info!(vm = %self.cfg.name, epoch = at.epoch, id = d.manifest.id, "stored after its epoch ended: discarded");
                 let r = match &self.qmp {
                     Some(q) => d.discard(q, &self.store).await,
-                    None => self.store.discard(&self.cfg.name, d.manifest.id),
+                    None => self.store.discard_async(&self.cfg.name, d.manifest.id).await,
                 };
                 if let Err(e) = r {
                     tracing::warn!(vm = %self.cfg.name, "cannot discard checkpoint {}: {e}", d.manifest.id);

@@ -549,7 +549,7 @@ impl Durable {
         for (node, name) in &self.new_bitmaps {
             let _ = qmp.execute_raw("block-dirty-bitmap-remove", json!({"node": node, "name": name})).await;
         }
-        store.discard(&self.manifest.name, self.manifest.id)
+        store.discard_async(&self.manifest.name, self.manifest.id).await
     }
 }
 

@@ -496,6 +496,30 @@ impl Store {
         out
     }
 
+    /// [`Store::discard`] off the async threads (on a server it is two requests).
+    pub async fn discard_async(&self, name: &str, id: u64) -> Result<(), StoreError> {
+        let (s, n) = (self.clone(), name.to_owned());
+        tokio::task::spawn_blocking(move || s.discard(&n, id)).await.unwrap_or_else(|e| {
+            Err(StoreError::Io {
+                what: "discard task failed for",
+                path: self.at(name),
+                source: std::io::Error::other(e),
+            })
+        })
+    }
+
+    /// [`Store::ids`] off the async threads (on a server it is a listing).
+    pub async fn ids_async(&self, name: &str) -> Result<Vec<u64>, StoreError> {
+        let (s, n) = (self.clone(), name.to_owned());
+        tokio::task::spawn_blocking(move || s.ids(&n)).await.unwrap_or_else(|e| {
+            Err(StoreError::Io {
+                what: "listing task failed for",
+                path: self.at(name),
+                source: std::io::Error::other(e),
+            })
+        })
+    }
+
     /// Removes checkpoint `id` of `name` (a checkpoint its cluster did not commit); its
     /// packs go at the next gc.
     pub fn discard(&self, name: &str, id: u64) -> Result<(), StoreError> {
