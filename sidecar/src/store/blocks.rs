@@ -308,16 +308,15 @@ impl Blocks {
         }
     }
 
-    /// True when a writer may deduplicate against block `digest`: the pack of the view
-    /// that holds it.
-    pub(super) fn listed(&self, digest: &[u8; 32]) -> Option<Hash> {
-        let v = self.view();
-        v.listed.get(digest).map(|l| v.names[l.pack as usize].clone())
+    /// True when a writer may deduplicate against block `digest`: a pack of the view
+    /// holds it.
+    pub(super) fn listed(&self, digest: &[u8; 32]) -> bool {
+        self.view().listed.contains_key(digest)
     }
 
     /// True when a writer may deduplicate against block `hash` (see [`Blocks::listed`]).
     pub fn dedupable(&self, hash: &str) -> bool {
-        digest_bytes(hash).is_some_and(|d| self.listed(&d).is_some())
+        digest_bytes(hash).is_some_and(|d| self.listed(&d))
     }
 
     /// The pack that holds block `hash`, in the view or among the loaded packs.

@@ -362,7 +362,12 @@ impl Store {
 
     /// Checkpoint ids of VM `name`, oldest first.
     pub fn ids(&self, name: &str) -> Result<Vec<u64>, StoreError> {
-        let Ok(listed) = self.objects.list(&format!("vms/{name}/")) else { return Ok(Vec::new()) };
+        let listed = match self.objects.list(&format!("vms/{name}/")) {
+            Ok(l) => l,
+            // A name no key can hold has no checkpoint.
+            Err(ObjectsError::BadKey { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(self.objects_err("cannot list the checkpoints")(e)),
+        };
         let mut ids: Vec<u64> = listed.iter().filter_map(|m| m.key.rsplit('/').next().and_then(parse_id)).collect();
         ids.sort_unstable();
         Ok(ids)

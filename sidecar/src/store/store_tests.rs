@@ -81,21 +81,24 @@ fn an_aborted_writer_leaves_no_pack() {
 fn on_a_server_gc_hides_a_pack_first_and_deletes_it_a_window_later() {
     let d = tempfile::tempdir().expect("tempdir");
     let mut store = Store::open(d.path()).expect("open");
-    store.window = std::time::Duration::from_millis(300);
     let mut m = manifest::tests::sample(1);
     commit_with(&store, &mut m, &[b"first"]);
     let mut m2 = manifest::tests::sample(2);
     commit_with(&store, &mut m2, &[b"second"]);
+    // The window only from here: the commits above must not count against it on a
+    // loaded machine.
+    let window = std::time::Duration::from_secs(2);
+    store.window = window;
     let old = m.packs[0].clone();
     assert_eq!(store.gc("vm", 1).expect("gc").packs_hidden, 0, "too young to hide");
-    std::thread::sleep(std::time::Duration::from_millis(350));
+    std::thread::sleep(window + std::time::Duration::from_millis(100));
     let r = store.gc("vm", 1).expect("gc");
     assert_eq!((r.packs_hidden, r.packs_removed), (1, 0), "{r:?}");
     assert!(store.objects().head(&blocks::index_key(&old)).expect("head").is_none(), "its index went first");
     store.blocks().refresh().expect("refresh");
     assert!(!store.blocks().dedupable(&m.memory.blocks[0].0), "writers no longer see it");
     assert_eq!(store.gc("vm", 1).expect("gc").packs_removed, 0, "not a window yet");
-    std::thread::sleep(std::time::Duration::from_millis(350));
+    std::thread::sleep(window + std::time::Duration::from_millis(100));
     let r = store.gc("vm", 1).expect("gc");
     assert_eq!(r.packs_removed, 1, "{r:?}");
     assert!(store.objects().head(&blocks::pack_key(&old)).expect("head").is_none());
@@ -106,9 +109,9 @@ fn on_a_server_gc_hides_a_pack_first_and_deletes_it_a_window_later() {
 fn a_hidden_pack_a_manifest_names_gets_its_index_back() {
     let d = tempfile::tempdir().expect("tempdir");
     let mut store = Store::open(d.path()).expect("open");
-    store.window = std::time::Duration::from_millis(100);
     let mut m = manifest::tests::sample(1);
     commit_with(&store, &mut m, &[b"block"]);
+    store.window = std::time::Duration::from_millis(100);
     let pack = m.packs[0].clone();
     // A pack hidden while a writer that saw it was still at work, which then committed.
     store.objects().put(&format!("condemned/{}/{pack}", &pack[..2]), b"").expect("mark");
@@ -251,7 +254,6 @@ fn a_mostly_dead_pack_is_repacked_and_old_manifests_follow_its_forward() {
 fn on_a_server_a_repacked_pack_is_hidden_then_deleted_when_its_forward_covers_it() {
     let d = tempfile::tempdir().expect("tempdir");
     let mut store = Store::open(d.path()).expect("open");
-    store.window = std::time::Duration::from_millis(200);
     let a = distinct(10, 3);
     let refs: Vec<&[u8]> = a.iter().map(Vec::as_slice).collect();
     let mut m1 = manifest::tests::sample(1);
@@ -259,6 +261,7 @@ fn on_a_server_a_repacked_pack_is_hidden_then_deleted_when_its_forward_covers_it
     let old = m1.packs[0].clone();
     let mut m2 = manifest::tests::sample(2);
     commit_with(&store, &mut m2, &[&a[0]]);
+    store.window = std::time::Duration::from_millis(200);
     let r = store.gc("vm", 1).expect("gc");
     assert_eq!((r.packs_repacked, r.packs_removed), (1, 0), "{r:?}");
     assert!(store.objects().head(&blocks::pack_key(&old)).expect("head").is_some(), "hidden, not deleted");

@@ -141,9 +141,7 @@ impl Writer {
         let digest: [u8; 32] = Sha256::digest(data).into();
         let (hash, len) = (hex(&digest), data.len() as u64);
         let known = Put { hash: hash.clone(), len, stored: 0 };
-        if (self.inner.view && self.inner.blocks.listed(&digest).is_some())
-            || lock(&self.inner.state).own.contains_key(&digest)
-        {
+        if (self.inner.view && self.inner.blocks.listed(&digest)) || lock(&self.inner.state).own.contains_key(&digest) {
             return Ok(known);
         }
         let mut compressed = None;
