@@ -14,11 +14,11 @@ use libfuzzer_sys::fuzz_target;
 use sidecar::disk::{CHUNK, fold_ranges, parse_map};
 use sidecar::store::blocks::is_block_name;
 use sidecar::store::manifest::ZERO;
-use sidecar::store::{Blocks, Estimates, Policy};
+use sidecar::store::{Estimates, Policy, Store, Writer};
 
 struct Target {
     _dir: tempfile::TempDir,
-    blocks: Blocks,
+    store: Store,
     path: std::path::PathBuf,
     file: std::fs::File,
 }
@@ -28,14 +28,13 @@ fn target() -> &'static Target {
     static T: OnceLock<Target> = OnceLock::new();
     T.get_or_init(|| {
         let dir = tempfile::Builder::new().prefix("cutline-fuzz-disk").tempdir().expect("tempdir");
-        std::fs::create_dir_all(dir.path().join("tmp")).expect("tmp");
-        let blocks = Blocks::new(dir.path().join("blocks"), dir.path().join("tmp"));
+        let store = Store::open(&dir.path().join("store")).expect("store");
         let path = dir.path().join("target.qcow2");
         let data: Vec<u8> =
             (0..8 * CHUNK).map(|i| if (i / CHUNK) % 2 == 0 { (i % 251) as u8 + 1 } else { 0 }).collect();
         std::fs::write(&path, data).expect("write");
         let file = std::fs::File::open(&path).expect("open");
-        Target { _dir: dir, blocks, path, file }
+        Target { _dir: dir, store, path, file }
     })
 }
 
@@ -47,11 +46,10 @@ fuzz_target!(|data: &[u8]| {
     let mut base = BTreeMap::new();
     base.insert(0, ZERO.to_owned());
     let mut policy = Policy::new(Estimates::default());
-    let mut created = Vec::new();
-    let folded = fold_ranges("n", &ranges, &t.file, &t.path, &base, virtual_size, &t.blocks, &mut policy, &mut created);
-    for h in &created {
-        t.blocks.remove(h).expect("remove");
-    }
+    let writer = Writer::new(t.store.blocks().clone(), std::time::Duration::ZERO);
+    let folded = fold_ranges("n", &ranges, &t.file, &t.path, &base, virtual_size, &writer, &mut policy);
+    let _ = writer.finish();
+    t.store.drop_packs(&writer.abort());
     let Ok(folded) = folded else { return };
     for (idx, hash) in &folded.map {
         assert!(*idx == 0 || idx.checked_mul(CHUNK).is_some_and(|s| s < virtual_size), "chunk {idx} inside the disk");

@@ -10,20 +10,25 @@
 //! - mode 1: a `Stream` description (manifest JSON) driving `restore_file` and
 //!   `feed_stream_to` over a block store holding known, damaged and undecodable blocks:
 //!   no panic, and what is rebuilt is exactly the described blocks;
-//! - mode 2: block files (codec byte, then raw or zstd payload) decoded by `Blocks::get`,
-//!   compared with a direct decoding.
+//! - mode 2: a stored chunk (codec byte, then raw or zstd payload) in a pack, decoded by
+//!   `Blocks::get`, compared with a direct decoding.
 #![no_main]
 
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
+use sha2::Digest;
 use sidecar::memory::{self, MAPPED_BLOCK};
-use sidecar::store::blocks::{MAX_BLOCK, sha256_hex};
+use sidecar::store::blocks::{MAX_BLOCK, index_bytes, index_key, pack_key, sha256_hex};
 use sidecar::store::manifest::{Stream, ZERO};
-use sidecar::store::{Blocks, Estimates, Policy};
+use sidecar::store::pack::PackBuilder;
+use sidecar::store::{Blocks, Estimates, Policy, Writer};
+
+const NO_WINDOW: std::time::Duration = std::time::Duration::ZERO;
 
 struct Store {
     dir: tempfile::TempDir,
+    store: sidecar::store::Store,
     blocks: Blocks,
     /// Contents stored under their names.
     known: Vec<(String, Vec<u8>)>,
@@ -46,28 +51,32 @@ fn store() -> &'static Store {
     static S: OnceLock<Store> = OnceLock::new();
     S.get_or_init(|| {
         let dir = tempfile::Builder::new().prefix("cutline-fuzz-store").tempdir().expect("tempdir");
-        std::fs::create_dir_all(dir.path().join("tmp")).expect("tmp");
-        let blocks = Blocks::new(dir.path().join("blocks"), dir.path().join("tmp"));
+        let store = sidecar::store::Store::open(&dir.path().join("store")).expect("store");
+        let blocks = store.blocks().clone();
+        let writer = Writer::new(blocks.clone(), NO_WINDOW);
         let mut known = Vec::new();
         for (i, c) in known_contents().into_iter().enumerate() {
-            // Alternate raw and zstd block files.
+            // Alternate raw and zstd chunks.
             let ratio = if i % 2 == 0 { 0.1 } else { 1.0 };
             let mut p = Policy::new(Estimates { ratio, ..Estimates::default() });
-            let put = blocks.put(&c, &mut p).expect("put");
+            let put = writer.put(&c, &mut p).expect("put");
             known.push((put.hash, c));
         }
-        // Blocks whose files are damaged, in every way `get` tells apart.
-        for (content, file) in [
-            (&b"damaged"[..], &b"\x00not the content"[..]),
+        writer.finish().expect("stored");
+        writer.publish();
+        // Chunks that are damaged, in every way `get` tells apart.
+        let damaged: Vec<(&[u8], &[u8])> = vec![
+            (b"damaged", b"\x00not the content"),
             (b"zstd", b"\x01\x28\xb5\x2f\xfd garbage"),
             (b"codec", b"\x07codec"),
-            (b"empty", b""),
-        ] {
-            let path = blocks.path(&sha256_hex(content));
-            std::fs::create_dir_all(path.parent().expect("parent")).expect("dir");
-            std::fs::write(path, file).expect("write");
+        ];
+        let mut b = PackBuilder::new();
+        for (content, stored) in damaged {
+            let hash: [u8; 32] = sha2::Sha256::digest(content).into();
+            b.push(hash, stored[0], &stored[1..], content.len() as u32);
         }
-        Store { dir, blocks, known }
+        put_pack(&blocks, b);
+        Store { dir, store, blocks, known }
     })
 }
 
@@ -84,10 +93,19 @@ fn noise(seed: &[u8], len: usize) -> Vec<u8> {
         .collect()
 }
 
-fn remove(s: &Store, created: &[String]) {
-    for h in created {
-        s.blocks.remove(h).expect("remove block");
-    }
+/// Stores a pack built by hand (chunks a writer would never write) and makes it readable.
+fn put_pack(blocks: &Blocks, b: PackBuilder) -> String {
+    let sealed = b.finish();
+    blocks.objects().put(&pack_key(&sealed.name), &sealed.bytes).expect("pack");
+    let index = index_bytes(sealed.bytes.len() as u64, sealed.trailer());
+    blocks.objects().put(&index_key(&sealed.name), &index).expect("index");
+    blocks.load(std::slice::from_ref(&sealed.name)).expect("load");
+    sealed.name
+}
+
+/// Deletes the packs a round trip stored.
+fn remove(s: &Store, writer: &Writer) {
+    s.store.drop_packs(&writer.abort());
 }
 
 fn round_trip(flags: u8, rest: &[u8]) {
@@ -103,8 +121,10 @@ fn round_trip(flags: u8, rest: &[u8]) {
     let mut policy = Policy::new(Estimates { ratio, ..Estimates::default() });
 
     let (tx, rx) = tokio::sync::watch::channel(0);
-    let mut created = Vec::new();
-    let stream = memory::save_stream_from(&data[..], &s.blocks, &mut policy, tx, &mut created).expect("save stream");
+    let writer = Writer::new(s.blocks.clone(), NO_WINDOW);
+    let stream = memory::save_stream_from(&data[..], &writer, &mut policy, tx).expect("save stream");
+    writer.finish().expect("stored");
+    writer.publish();
     assert_eq!(*rx.borrow(), data.len() as u64, "progress counts every byte");
     stream.check().expect("a saved stream is consistent");
     assert_eq!(stream.bytes, data.len() as u64);
@@ -115,18 +135,20 @@ fn round_trip(flags: u8, rest: &[u8]) {
     let fed = memory::feed_stream_to(&mut out, &s.blocks, &stream).expect("feed");
     assert_eq!(fed, data.len() as u64);
     assert!(out == data, "the stream comes back");
-    remove(s, &created);
+    remove(s, &writer);
 
-    let file = s.dir.path().join("tmp").join("mapped-ram");
+    let file = s.dir.path().join("mapped-ram");
     std::fs::write(&file, &data).expect("write file");
-    let mut created = Vec::new();
-    let stream = memory::save_file(&file, &s.blocks, &mut policy, &mut created).expect("save file");
+    let writer = Writer::new(s.blocks.clone(), NO_WINDOW);
+    let stream = memory::save_file(&file, &writer, &mut policy).expect("save file");
+    writer.finish().expect("stored");
+    writer.publish();
     stream.check().expect("a saved file is consistent");
     assert!(stream.blocks.iter().all(|(_, l)| *l <= MAPPED_BLOCK as u64));
-    let back = s.dir.path().join("tmp").join("restored");
+    let back = s.dir.path().join("restored");
     memory::restore_file(&back, &s.blocks, &stream).expect("restore file");
     assert!(std::fs::read(&back).expect("read") == data, "the file comes back");
-    remove(s, &created);
+    remove(s, &writer);
 }
 
 fn described(rest: &[u8]) {
@@ -139,7 +161,7 @@ fn described(rest: &[u8]) {
         s.known.iter().find(|(h, _)| h == hash).map(|(_, c)| c.clone()).expect("only known blocks verify")
     };
     let small = stream.bytes <= 4 << 20;
-    let path = s.dir.path().join("tmp").join("described");
+    let path = s.dir.path().join("described");
     if memory::restore_file(&path, &s.blocks, &stream).is_ok() {
         assert_eq!(std::fs::metadata(&path).expect("stat").len(), stream.bytes);
         if small {
@@ -161,25 +183,28 @@ fn described(rest: &[u8]) {
 
 fn block_file(rest: &[u8]) {
     let s = store();
-    // The name the block would have if its file decodes.
-    let decoded = match rest.split_first() {
-        Some((0, payload)) => Some(payload.to_vec()),
-        Some((1, payload)) => zstd::bulk::decompress(payload, MAX_BLOCK).ok(),
+    let Some((&codec, payload)) = rest.split_first() else { return };
+    // The name the chunk would have if it decodes.
+    let decoded = match codec {
+        0 => Some(payload.to_vec()),
+        1 => zstd::bulk::decompress(payload, MAX_BLOCK).ok(),
         _ => None,
     };
-    let name = sha256_hex(decoded.as_deref().unwrap_or(rest));
-    let path = s.blocks.path(&name);
-    if s.known.iter().any(|(h, _)| *h == name) || path.exists() {
+    let content = decoded.as_deref().unwrap_or(rest);
+    let name = sha256_hex(content);
+    if s.known.iter().any(|(h, _)| *h == name) || s.blocks.dedupable(&name) {
         return;
     }
-    std::fs::create_dir_all(path.parent().expect("parent")).expect("dir");
-    std::fs::write(&path, rest).expect("write");
+    let mut b = PackBuilder::new();
+    let hash: [u8; 32] = sha2::Sha256::digest(content).into();
+    b.push(hash, codec, payload, content.len() as u32);
+    let pack = put_pack(&s.blocks, b);
     let got = s.blocks.get(&name);
-    std::fs::remove_file(&path).expect("remove");
+    s.store.drop_packs(&[pack]);
     match (got, decoded) {
         (Ok(data), Some(d)) => assert!(data == d),
-        (Ok(_), None) => panic!("an undecodable block file was read"),
-        (Err(e), Some(_)) => panic!("a decodable block file was refused: {e}"),
+        (Ok(_), None) => panic!("an undecodable chunk was read"),
+        (Err(e), Some(_)) => panic!("a decodable chunk was refused: {e}"),
         (Err(_), None) => {}
     }
 }
