@@ -103,6 +103,9 @@ impl Store {
     /// every block against its hash, and names each damaged block and the checkpoints it
     /// breaks. Also checks manifests and backing files.
     pub fn verify(&self, name: Option<&str>, mut progress: impl FnMut(u64, u64)) -> Result<Vec<Damage>, StoreError> {
+        // No gc of this host's processes deletes or repacks a pack while it is read (on a
+        // server, a pack gc hides stays readable for a window).
+        let _shared = self.lock_shared()?;
         let names = match name {
             Some(n) => vec![n.to_owned()],
             None => self.names()?,
@@ -411,6 +414,7 @@ impl Store {
         w.finish()?;
         for (p, _, hashes) in &todo {
             let targets = w.packs_of(hashes.iter().map(String::as_str))?;
+            tracing::info!(pack = %p, ?targets, "repacked");
             self.objects()
                 .put(&moved_key(p), targets.join("\n").as_bytes())
                 .map_err(self.objects_failed("cannot write a forward"))?;
@@ -458,6 +462,7 @@ impl Store {
     /// Deletes pack `p`: its index first, so no writer that refreshes sees a pack that is
     /// going.
     fn delete_pack(&self, p: &str) -> Result<(), StoreError> {
+        tracing::debug!(pack = p, "deleting pack");
         self.blocks().forget(p);
         self.objects().delete(&index_key(p)).map_err(self.objects_failed("cannot delete an index"))?;
         self.objects().delete(&pack_key(p)).map_err(self.objects_failed("cannot delete a pack"))
