@@ -11,6 +11,7 @@ use sidecar::proto::{COORDINATOR, Envelope, Msg, PROTOCOL, Request, VectorClock}
 use tokio::sync::{mpsc, oneshot};
 
 use crate::figures::Figures;
+use crate::hosts::{HostInfo, HostState, Leases};
 use crate::phase::{Effect, Event, Phase, RecoveryPlan, Settings};
 use crate::record::{Catalog, EpochTimings, MemberRecord, Record};
 use crate::server::{Config, Rollback};
@@ -121,6 +122,10 @@ pub struct Actor {
     recovery_waiters: Vec<Reply>,
     verifies: Vec<PendingVerify>,
     inputs: mpsc::UnboundedSender<Input>,
+    /// The hosts and their leases.
+    leases: Leases,
+    /// Each connected host agent's writer.
+    host_tx: BTreeMap<String, Tx>,
 }
 
 fn now_ms() -> u64 {
@@ -142,6 +147,10 @@ impl Actor {
         inputs: mpsc::UnboundedSender<Input>,
     ) -> Actor {
         let members = durable.members.iter().map(|(n, info)| (n.clone(), Member::new(info.clone()))).collect();
+        let mut leases = Leases::new(cfg.lease, cfg.lease_margin, Instant::now());
+        for h in durable.members.values().filter_map(|m| m.host.as_deref()) {
+            leases.expect(h, Instant::now());
+        }
         let settings = Settings {
             step_timeout: cfg.step_timeout,
             output_commit: cfg.output_commit,
@@ -164,6 +173,8 @@ impl Actor {
             recovery_waiters: Vec::new(),
             verifies: Vec::new(),
             inputs,
+            leases,
+            host_tx: BTreeMap::new(),
         }
     }
 
@@ -338,7 +349,11 @@ impl Actor {
     /// Handles one input.
     pub async fn on_input(&mut self, input: Input) {
         match input {
+            Input::Register { conn, tx, env, .. } if matches!(env.msg, Msg::HostRegister { .. }) => {
+                self.on_host_register(conn, tx, env)
+            }
             Input::Register { conn, tx, local, env } => self.on_register(conn, tx, local, env).await,
+            Input::Msg { conn, env } if self.leases.of_conn(conn).is_some() => self.on_host_msg(conn, env),
             Input::Msg { conn, env } => {
                 let Some(name) = self.member_of_conn(conn) else { return };
                 if env.inc != self.incarnation() {
@@ -355,6 +370,12 @@ impl Actor {
                     m.last_seen = Instant::now();
                 }
                 self.on_member_msg(&name, env);
+            }
+            Input::Closed { conn } if self.leases.of_conn(conn).is_some() => {
+                if let Some(host) = self.leases.closed(conn) {
+                    tracing::warn!(host = %host, "host agent disconnected: its lease runs out unless it comes back");
+                    self.host_tx.remove(&host);
+                }
             }
             Input::Closed { conn } => {
                 if let Some(name) = self.member_of_conn(conn) {
@@ -383,7 +404,9 @@ impl Actor {
     }
 
     async fn on_register(&mut self, conn: u64, tx: Tx, local: bool, env: Envelope) {
-        let Msg::Register { version, cluster, name, qmp, store, pid, pid_start, checkpoints, .. } = env.msg else {
+        let Msg::Register { version, cluster, name, qmp, store, pid, pid_start, checkpoints, host, ram_bytes, .. } =
+            env.msg
+        else {
             return;
         };
         let refuse = |what: String| {
@@ -407,7 +430,21 @@ impl Actor {
                 "{name} is already registered by a live sidecar: a second sidecar for one VM is refused"
             ));
         }
-        let info = MemberInfo { qmp, store };
+        let placed = self.durable.members.get(&name).and_then(|m| m.host.clone());
+        if let (Some(placed), Some(here)) = (&placed, &host)
+            && placed != here
+        {
+            return refuse(format!(
+                "{name} runs on host {placed} now: its sidecar on host {here} is refused (that host must fence it)"
+            ));
+        }
+        if let Some(h) = &host
+            && matches!(self.leases.hosts.get(h).map(|x| &x.state), Some(HostState::Lost { .. }))
+        {
+            return refuse(format!("host {h} was declared lost: its sidecars are refused until it registers again"));
+        }
+        let ram_bytes = ram_bytes.or_else(|| self.durable.members.get(&name).and_then(|m| m.ram_bytes));
+        let info = MemberInfo { qmp, store, host: host.or(placed), ram_bytes };
         let known = self.durable.members.contains_key(&name);
         if self.durable.members.get(&name) != Some(&info) {
             let mut next = self.durable.clone();
@@ -565,6 +602,9 @@ impl Actor {
 
     /// Periodic work: failure evidence, deadlines, recovery, periodic epochs.
     pub async fn on_tick(&mut self) {
+        for (host, why) in self.leases.expire(Instant::now()) {
+            self.host_lost(&host, &why).await;
+        }
         self.detect();
         self.step(Event::Tick);
         let failed: Vec<String> = self
@@ -763,6 +803,132 @@ impl Actor {
         }
     }
 
+    /// A host agent registers: welcome it, then reconcile what it runs with the membership.
+    fn on_host_register(&mut self, conn: u64, tx: Tx, env: Envelope) {
+        let Msg::HostRegister { version, cluster, host, address, cores, mem_total, mem_available, qemu, vms, .. } =
+            env.msg
+        else {
+            return;
+        };
+        let refuse = |what: String| {
+            tracing::warn!("host registration refused: {what}");
+            let _ = tx.send(Envelope::plain(Msg::Error { what }));
+        };
+        if version != PROTOCOL {
+            return refuse(format!(
+                "host {host} speaks protocol version {version}; this coordinator speaks {PROTOCOL}"
+            ));
+        }
+        if cluster != self.cluster {
+            return refuse(format!("no cluster {cluster} here (serving {})", self.cluster));
+        }
+        if let Err(e) = sidecar::VmName::new(&host) {
+            return refuse(format!("bad host name: {e}"));
+        }
+        let info = HostInfo { address, cores, mem_total, mem_available, qemu };
+        if let Err(e) = self.leases.register(&host, info, conn, Instant::now()) {
+            return refuse(e.to_string());
+        }
+        let _ = tx.send(Envelope {
+            inc: self.incarnation(),
+            vt: VectorClock::default(),
+            msg: Msg::HostWelcome {
+                version: PROTOCOL,
+                incarnation: self.incarnation(),
+                heartbeat_ms: self.cfg.heartbeat.as_millis() as u64,
+                lease_ms: self.cfg.lease.as_millis() as u64,
+            },
+        });
+        tracing::info!(host = %host, vms = ?vms, "host registered");
+        // What it runs that is placed elsewhere goes; what is placed on it and it lacks, it runs.
+        for vm in &vms {
+            let placed = self.durable.members.get(vm).and_then(|m| m.host.as_deref());
+            if placed.is_some_and(|p| p != host) {
+                let reason = format!("{vm} runs on host {} now", placed.unwrap_or_default());
+                let _ = tx.send(Envelope::plain(Msg::Evict { name: vm.clone(), reason }));
+            }
+        }
+        for (n, m) in &self.durable.members {
+            if m.host.as_deref() == Some(host.as_str()) && !vms.contains(n) {
+                let _ = tx.send(Envelope::plain(Msg::Run { name: n.clone(), qmp: m.qmp.clone() }));
+            }
+        }
+        self.host_tx.insert(host, tx);
+    }
+
+    /// A host agent's later message: heartbeats are granted leases, or refused.
+    fn on_host_msg(&mut self, conn: u64, env: Envelope) {
+        let Some(host) = self.leases.of_conn(conn).map(str::to_owned) else { return };
+        let Msg::HostHeartbeat { seq, mem_available, vms } = env.msg else {
+            tracing::debug!(host = %host, "ignored {} from a host agent", env.msg.kind());
+            return;
+        };
+        let reply = match self.leases.heartbeat(&host, conn, mem_available, vms, Instant::now()) {
+            Ok(ms) => Msg::Lease { seq, ms },
+            Err(e) => Msg::Revoked { reason: e.to_string() },
+        };
+        if let Some(tx) = self.host_tx.get(&host) {
+            let _ = tx.send(Envelope::plain(reply));
+        }
+    }
+
+    /// `host`'s lease and margin ran out: its VMs are failed (fenced there by now) and
+    /// placed on surviving hosts; the recovery then rolls the cluster back and their new
+    /// sidecars restore them there.
+    async fn host_lost(&mut self, host: &str, why: &str) {
+        tracing::error!(host = %host, "host lost: {why}");
+        self.figures.detections.push(json!({"host": host, "reason": why, "at_unix_ms": now_ms()}));
+        if let Some(tx) = self.host_tx.remove(host) {
+            let _ = tx.send(Envelope::plain(Msg::Revoked { reason: why.to_owned() }));
+        }
+        let moved: Vec<(String, u64)> = self
+            .durable
+            .members
+            .iter()
+            .filter(|(_, m)| m.host.as_deref() == Some(host))
+            .map(|(n, m)| (n.clone(), m.ram_bytes.unwrap_or(256 << 20)))
+            .collect();
+        if moved.is_empty() {
+            return;
+        }
+        for (n, _) in &moved {
+            if let Some(m) = self.members.get_mut(n) {
+                m.conn = None;
+                m.pid = None;
+            }
+            self.vm_failed(n, format!("host {host} lost: {why}"));
+            self.step(Event::Disconnected { name: n.clone() });
+        }
+        let placement = match self.leases.place(&moved, self.cfg.standby.as_deref(), &[host.to_owned()]) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(host = %host, "cannot place its VMs elsewhere: {e}");
+                return;
+            }
+        };
+        let mut next = self.durable.clone();
+        for (vm, to) in &placement {
+            if let Some(m) = next.members.get_mut(vm) {
+                m.host = Some(to.clone());
+            }
+        }
+        if let Err(e) = self.save(next).await {
+            tracing::error!(host = %host, "cannot record where its VMs go: {e}");
+            return;
+        }
+        for (vm, to) in placement {
+            let qmp = self.durable.members.get(&vm).map(|m| m.qmp.clone()).unwrap_or_default();
+            tracing::warn!(vm = %vm, from = %host, to = %to, "placed on a surviving host");
+            self.figures.placements.push(json!({"vm": vm, "from": host, "to": to, "at_unix_ms": now_ms()}));
+            if let Some(m) = self.members.get_mut(&vm) {
+                m.info.host = Some(to.clone());
+            }
+            if let Some(tx) = self.host_tx.get(&to) {
+                let _ = tx.send(Envelope::plain(Msg::Run { name: vm, qmp }));
+            }
+        }
+    }
+
     fn status(&self) -> Value {
         let members: Vec<Value> = self
             .members
@@ -771,7 +937,8 @@ impl Actor {
                 let restoring = matches!(&self.phase, Phase::Recovery(r) if r.targets.contains_key(n));
                 let health = if restoring { "restoring".into() } else { health_str(&m.health, m.conn.is_some()) };
                 json!({"name": n, "health": health, "pid": m.pid, "connected": m.conn.is_some(),
-                    "last_heartbeat_ms": ms(m.last_seen.elapsed()), "qmp": m.info.qmp, "store": m.info.store})
+                    "last_heartbeat_ms": ms(m.last_seen.elapsed()), "qmp": m.info.qmp, "store": m.info.store,
+                    "host": m.info.host})
             })
             .collect();
         let phase = match &self.phase {
@@ -793,10 +960,23 @@ impl Actor {
             Phase::Halted { paused, .. } => paused.iter().collect(),
             _ => Vec::new(),
         };
+        let now = Instant::now();
+        let hosts: Vec<Value> = self
+            .leases
+            .hosts
+            .iter()
+            .map(|(n, h)| {
+                json!({"name": n, "state": h.state, "address": h.info.address, "connected": h.conn.is_some(),
+                    "cores": h.info.cores, "mem_available": h.info.mem_available, "qemu": h.info.qemu,
+                    "vms": h.vms, "since_grant_ms": ms(now.duration_since(h.last_grant))})
+            })
+            .collect();
         json!({
             "cluster": self.cluster,
             "incarnation": self.incarnation(),
             "members": members,
+            "hosts": hosts,
+            "lease_ms": self.cfg.lease.as_millis() as u64,
             "last_committed": self.catalog.epochs().last(),
             "next_epoch": self.durable.next_epoch,
             "phase": phase,

@@ -102,6 +102,8 @@ pub struct Figures {
     pub recoveries: Recent,
     /// Times recovery gave up.
     pub halts: Recent,
+    /// VMs of lost hosts placed on surviving ones.
+    pub placements: Recent,
     /// Messages discarded (another incarnation or epoch, or not allowed in the state).
     pub discarded: u64,
 }
@@ -127,6 +129,7 @@ impl Figures {
                 "detections": self.detections,
                 "recoveries": self.recoveries,
                 "halts": self.halts,
+                "placements": self.placements,
             },
         })
     }

@@ -135,6 +135,8 @@ impl LocalCluster {
             // Commit records on a server: the checkpoints go to the same store.
             objects: self.config.records.clone().filter(|l| l.local_root().is_none()),
             bounds: netfilter::Bounds::default(),
+            host: None,
+            lease_file: None,
         };
         self.agents[i] = Some(Task::spawn(move |stop| async move {
             if let Err(e) = sidecar::agent::run(cfg, stop).await {

@@ -8,6 +8,7 @@ pub mod client;
 pub mod demo;
 pub mod figures;
 pub mod harness;
+pub mod hosts;
 pub mod phase;
 pub mod record;
 pub mod server;

@@ -82,6 +82,18 @@ enum Cmd {
         /// Recovery attempts before the cluster halts (and says why in `status`).
         #[arg(long, default_value_t = 3)]
         recovery_attempts: u32,
+        /// The lease a host agent's granted heartbeat buys its host: a host that cannot
+        /// renew it in time kills its VMs (fences) on its own.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        lease: Duration,
+        /// Waited beyond a silent host's lease before its VMs restart elsewhere: covers
+        /// the hosts' clock rates differing and the fence's own time (docs/HOSTS.md).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+        lease_margin: Duration,
+        /// The host a lost host's VMs go to first (seed 003's backup host), while it is up
+        /// and has room; else the host with the most free memory.
+        #[arg(long)]
+        standby: Option<String>,
     },
     /// Members, health, last committed epoch, what runs now.
     Status,
@@ -171,7 +183,15 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             timeout,
             step_timeout,
             recovery_attempts,
+            lease,
+            lease_margin,
+            standby,
         } => {
+            if lease <= heartbeat * 2 {
+                anyhow::bail!(
+                    "--lease {lease:?} must be more than twice --heartbeat {heartbeat:?}, or a host fences between two heartbeats"
+                );
+            }
             sidecar::store::private::create_dir_all(&cli.state)?;
             let mut cfg = server::Config::new(&cli.state);
             if let Some(a) = cli.coordinator.as_deref().filter(|a| !a.starts_with("tcp:")) {
@@ -195,6 +215,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             cfg.failure_timeout = timeout;
             cfg.step_timeout = step_timeout;
             cfg.recovery_attempts = recovery_attempts.max(1);
+            cfg.lease = lease;
+            cfg.lease_margin = lease_margin;
+            cfg.standby = standby;
             server::run(cfg, sidecar::shutdown_signal()).await?;
         }
         Cmd::Status => {
@@ -229,11 +252,24 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             ));
             for m in v["members"].as_array().into_iter().flatten() {
                 text.push_str(&format!(
-                    "  {:<12} {:<28} pid {:<8} heartbeat {:.0} ms ago\n",
+                    "  {:<12} {:<28} on {:<12} pid {:<8} heartbeat {:.0} ms ago\n",
                     m["name"].as_str().unwrap_or(""),
                     m["health"].as_str().unwrap_or(""),
+                    m["host"].as_str().unwrap_or("-"),
                     m["pid"],
                     m["last_heartbeat_ms"].as_f64().unwrap_or(0.0)
+                ));
+            }
+            for h in v["hosts"].as_array().into_iter().flatten() {
+                text.push_str(&format!(
+                    "  host {:<12} {:<5} {:<16} {} cores, {} MiB free, lease renewed {:.0} ms ago, runs {}\n",
+                    h["name"].as_str().unwrap_or(""),
+                    h["state"]["state"].as_str().unwrap_or(""),
+                    h["address"].as_str().unwrap_or(""),
+                    h["cores"],
+                    h["mem_available"].as_u64().unwrap_or(0) >> 20,
+                    h["since_grant_ms"].as_f64().unwrap_or(0.0),
+                    h["vms"]
                 ));
             }
             out(&v, text.trim_end().to_owned());

@@ -68,6 +68,14 @@ pub struct Config {
     /// A peer's TLS handshake (TCP) and first message (with the token) must be done
     /// within this of its connect; else it is dropped.
     pub first_message_timeout: Duration,
+    /// The lease a host agent's granted heartbeat buys its host.
+    pub lease: Duration,
+    /// Waited beyond a lost host's lease before its VMs start elsewhere (clock rate
+    /// differences and the fence's own time; docs/HOSTS.md).
+    pub lease_margin: Duration,
+    /// The host a lost host's VMs go to first while it is up and has room (seed 003's
+    /// backup host); else the host with the most free memory.
+    pub standby: Option<String>,
 }
 
 impl Config {
@@ -90,6 +98,9 @@ impl Config {
             verify_timeout: Duration::from_secs(600),
             max_connections: 256,
             first_message_timeout: Duration::from_secs(5),
+            lease: Duration::from_secs(5),
+            lease_margin: Duration::from_secs(2),
+            standby: None,
         }
     }
 }
@@ -379,7 +390,7 @@ async fn connection(peer: Peer, r: Reader, w: Writer, deadline: Instant, in_tx: 
             let result = rx.await.unwrap_or_else(|_| Err("coordinator stopped".into()));
             last_word(w, &Envelope::plain(Msg::Answer { result })).await;
         }
-        Msg::Register { token: given, .. } => {
+        Msg::Register { token: given, .. } | Msg::HostRegister { token: given, .. } => {
             if !authorized(given) {
                 tracing::warn!(conn = id, addr, "registration with a bad token refused");
                 last_word(w, &reply("bad token".into())).await;
@@ -440,6 +451,8 @@ mod tests {
             pid_start: None,
             checkpoints: vec![],
             token: None,
+            host: None,
+            ram_bytes: None,
         })
     }
 

@@ -22,6 +22,12 @@ pub struct MemberInfo {
     pub qmp: String,
     /// Its store.
     pub store: String,
+    /// The host it runs on, when a host agent runs its sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Its RAM, as its sidecar last saw it (for placing it on another host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_bytes: Option<u64>,
 }
 
 /// What survives a restart of the coordinator.
@@ -179,7 +185,8 @@ mod tests {
         assert_eq!((st.incarnation, st.next_epoch), (0, 1));
         st.incarnation = 3;
         st.next_epoch = 12;
-        st.members.insert("vm0".into(), MemberInfo { qmp: "/q".into(), store: "/s".into() });
+        st.members
+            .insert("vm0".into(), MemberInfo { qmp: "/q".into(), store: "/s".into(), host: None, ram_bytes: None });
         s.save(&st).expect("save");
         let err = StateDir::lock(d.path()).expect_err("held");
         assert!(err.to_string().contains(&format!("by pid {}", std::process::id())), "{err}");

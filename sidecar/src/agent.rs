@@ -38,6 +38,11 @@ pub struct Config {
     pub objects: Option<cutline_objects::Location>,
     /// Output gate bounds.
     pub bounds: Bounds,
+    /// The host agent's name for this host, when a host agent runs this sidecar.
+    pub host: Option<String>,
+    /// The host's lease file ([`crate::host::lease_file`]): when the lease it holds runs
+    /// out, this sidecar kills its VM and stops (fencing).
+    pub lease_file: Option<PathBuf>,
 }
 
 /// Errors that stop an agent.
@@ -46,6 +51,14 @@ pub enum AgentError {
     /// The store cannot be used.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The host's lease ran out: the VM was killed here.
+    #[error("fenced: the host's lease ran out; VM {name} was stopped here (QEMU pids {killed:?})")]
+    Fenced {
+        /// VM name.
+        name: String,
+        /// The QEMUs killed.
+        killed: Vec<i32>,
+    },
     /// Another agent owns this VM.
     #[error("another cutline-sidecar already serves VM {name} (it holds {lock})")]
     Owned {
@@ -117,6 +130,8 @@ struct Agent {
     last_sweep: Option<Instant>,
     /// The checkpoints the coordinator last said to keep (its committed, retained ones).
     keep: Option<Vec<u64>>,
+    /// The VM's RAM, read at attach.
+    ram_bytes: Option<u64>,
 }
 
 /// Runs the agent until `shutdown` resolves. Reconnects to the coordinator when the
@@ -159,12 +174,16 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         restore_for: None,
         last_sweep: None,
         keep: None,
+        ram_bytes: None,
     };
     tokio::pin!(shutdown);
+    let fenced = fence_watch(a.cfg.lease_file.clone());
+    tokio::pin!(fenced);
     loop {
         a.attach().await;
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = &mut fenced => return Err(a.fence()),
             r = a.session(&mut done_rx) => {
                 if let Err(e) = r {
                     tracing::warn!(vm = %a.cfg.name, "coordinator session ended: {}", error_chain(&e));
@@ -175,6 +194,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         a.slot_event(SlotEvent::SessionLost).await;
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = &mut fenced => return Err(a.fence()),
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
         }
     }
@@ -185,7 +205,32 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     Ok(())
 }
 
+/// Resolves when the lease in `path` runs out (never without a lease file). Polled: the
+/// file is written by the host agent, and a dead host agent writes nothing.
+async fn fence_watch(path: Option<PathBuf>) {
+    let Some(path) = path else { return std::future::pending().await };
+    loop {
+        let p = path.clone();
+        let fence = tokio::task::spawn_blocking(move || crate::host::lease_file::FileLease::read(&p).must_fence())
+            .await
+            .unwrap_or(true);
+        if fence {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 impl Agent {
+    /// Kills this VM's QEMU (every instance serving its QMP socket): the lease ran out.
+    fn fence(&mut self) -> AgentError {
+        self.qmp = None;
+        self.gate = None;
+        let killed = crate::host::kill_qemus(&self.cfg.qmp);
+        tracing::error!(vm = %self.cfg.name, ?killed, "fenced: the host's lease ran out");
+        AgentError::Fenced { name: self.cfg.name.clone(), killed }
+    }
+
     /// Sends `msg` in the current session; seed messages advance the clock.
     fn send(&mut self, msg: Msg) {
         if msg.ticks() {
@@ -231,6 +276,11 @@ impl Agent {
                     Ok(g) => self.gate = Some(g),
                     Err(e) => tracing::warn!(vm = %self.cfg.name, "no output gate: {}", error_chain(&e)),
                 }
+                self.ram_bytes = q
+                    .execute_raw("query-memory-size-summary", serde_json::json!({}))
+                    .await
+                    .ok()
+                    .and_then(|v| v["base-memory"].as_u64());
                 self.qmp = Some(q);
                 let _ = self.vm.step(VmEvent::Attached { pid });
                 tracing::info!(vm = %self.cfg.name, ?pid, "attached");
@@ -274,6 +324,8 @@ impl Agent {
             pid_start: self.pid_start,
             checkpoints: self.store.ids_async(&self.cfg.name).await.unwrap_or_default(),
             token: self.cfg.coordinator.token().map(|t| t.expose().to_owned()),
+            host: self.cfg.host.clone(),
+            ram_bytes: self.ram_bytes,
         };
         let _ = tx.send(Envelope { inc: 0, vt: self.clock.clone(), msg: register });
         let welcome = reader.next().await.map_err(|e| match e {

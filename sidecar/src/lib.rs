@@ -7,6 +7,7 @@ pub mod attach;
 pub mod checkpoint;
 pub mod disk;
 pub mod failpoint;
+pub mod host;
 pub mod leftovers;
 pub mod mapped_ram;
 pub mod memory;

@@ -64,6 +64,44 @@ enum Cmd {
         /// the commit).
         #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
         max_hold: std::time::Duration,
+        /// The host this sidecar runs on (set by the host agent that starts it).
+        #[arg(long)]
+        host: Option<String>,
+        /// The host's lease file (set by the host agent): when its lease runs out, this
+        /// sidecar kills its VM and exits.
+        #[arg(long)]
+        lease_file: Option<PathBuf>,
+    },
+    /// Run the host agent: register this host, hold its lease, run a sidecar per VM the
+    /// coordinator gives it (and those named by --vm), and fence its VMs when the lease
+    /// runs out.
+    Host {
+        /// The coordinator: a unix socket path, or tcp:HOST:PORT.
+        #[arg(long)]
+        coordinator: String,
+        #[command(flatten)]
+        transport: sidecar::transport::ClientArgs,
+        /// Cluster name.
+        #[arg(long, default_value = "default")]
+        cluster: String,
+        /// This host's name (default: the hostname).
+        #[arg(long)]
+        name: Option<String>,
+        /// This host's address, as operators reach it (shown by `cutline status`).
+        #[arg(long, default_value = "")]
+        address: String,
+        /// The host agent's directory: lease file, the VMs it runs, sidecar logs.
+        #[arg(long, default_value = "/var/lib/cutline/host")]
+        state: PathBuf,
+        /// The sidecars' store (with --objects: their local work directory).
+        #[arg(long)]
+        store: PathBuf,
+        /// A VM running here to protect from the start: NAME=QMP_SOCKET (repeatable).
+        #[arg(long = "vm", value_name = "NAME=QMP")]
+        vms: Vec<String>,
+        /// Longest the sidecars' output gates may hold packets.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        max_hold: std::time::Duration,
     },
     /// Show what cutline sees of a running guest (disks, RAM, argv).
     Attach {
@@ -198,7 +236,54 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         tracing::debug!("{msg}");
     };
     match cli.cmd {
-        Cmd::Serve { coordinator, transport, cluster, name: n, qmp, store, max_hold } => {
+        Cmd::Host { coordinator, transport, cluster, name: host, address, state, store, vms, max_hold } => {
+            let endpoint: sidecar::transport::Endpoint =
+                coordinator.parse().map_err(|e: std::convert::Infallible| anyhow::anyhow!("{e}"))?;
+            let host = match host {
+                Some(h) => h,
+                None => std::fs::read_to_string("/proc/sys/kernel/hostname").context("the hostname")?.trim().to_owned(),
+            };
+            name(&host).context("--name (the host's name)")?;
+            let vms = vms
+                .iter()
+                .map(|v| {
+                    let (n, q) =
+                        v.split_once('=').ok_or_else(|| anyhow::anyhow!("--vm {v}: expected NAME=QMP_SOCKET"))?;
+                    name(n)?;
+                    Ok((n.to_owned(), PathBuf::from(q)))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let mut transport_args = Vec::new();
+            for (flag, v) in [
+                ("--tls-ca", &transport.tls_ca),
+                ("--tls-cert", &transport.tls_cert),
+                ("--tls-key", &transport.tls_key),
+                ("--token-file", &transport.token_file),
+            ] {
+                if let Some(p) = v {
+                    transport_args.extend([flag.to_owned(), p.display().to_string()]);
+                }
+            }
+            if let Some(n) = &transport.tls_server_name {
+                transport_args.extend(["--tls-server-name".to_owned(), n.clone()]);
+            }
+            let cfg = sidecar::host::Config {
+                coordinator: transport.dialer(&endpoint)?,
+                coordinator_arg: coordinator,
+                transport_args,
+                cluster,
+                host,
+                address,
+                state,
+                store,
+                objects: cli.objects.clone(),
+                vms,
+                sidecar: std::env::current_exe().context("the sidecar program")?,
+                max_hold,
+            };
+            sidecar::host::run(cfg, sidecar::shutdown_signal()).await?;
+        }
+        Cmd::Serve { coordinator, transport, cluster, name: n, qmp, store, max_hold, host, lease_file } => {
             let n = name(&n)?;
             let cfg = sidecar::agent::Config {
                 coordinator: transport.dialer(&coordinator)?,
@@ -208,6 +293,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 store,
                 objects: cli.objects.as_deref().map(cutline_objects::Location::from_env).transpose()?,
                 bounds: netfilter::Bounds { max_hold, ..netfilter::Bounds::default() },
+                host,
+                lease_file,
             };
             sidecar::agent::run(cfg, sidecar::shutdown_signal()).await?;
         }

@@ -15,6 +15,7 @@ use qmp_client::{Qmp, QmpError};
 use serde::Serialize;
 use serde_json::json;
 
+mod place;
 mod trust;
 
 use crate::checkpoint::BITMAP_PREFIX;
@@ -114,6 +115,18 @@ pub enum RestoreError {
         /// The file.
         path: String,
         /// Why it is refused.
+        why: String,
+    },
+    /// A path the checkpoint's relaunch needs cannot exist on this host.
+    #[error("checkpoint {id} of {name} cannot be relaunched here: {path}: {why}")]
+    Path {
+        /// VM name.
+        name: String,
+        /// Checkpoint id.
+        id: u64,
+        /// The path.
+        path: String,
+        /// Why.
         why: String,
     },
     /// A QEMU of this VM still runs after it was stopped: relaunching would run it twice.
@@ -237,6 +250,16 @@ pub async fn restore_with(
     .await
     .map_err(|e| RestoreError::Relaunch(format!("verify task: {e}")))?;
     check.map_err(|source| RestoreError::Damaged { name: name.to_owned(), id, source })?;
+    // On a host the VM never ran on (or one that lost its files): directories, then bases.
+    place::make_dirs(&m)?;
+    let (mm, s) = (m.clone(), store.clone());
+    let fetched = tokio::task::spawn_blocking(move || place::fetch_bases(&mm, &s))
+        .await
+        .map_err(|e| RestoreError::Relaunch(format!("base task: {e}")))??;
+    if !fetched.is_empty() {
+        progress(&format!("fetched {} base image(s) from the store", fetched.len()));
+        tracing::info!(vm = name, id, ?fetched, "base images fetched from the store");
+    }
     for d in &m.disks {
         if let Some(b) = &d.backing {
             let actual = hash_file(Path::new(&b.filename)).map_err(|source| StoreError::Io {

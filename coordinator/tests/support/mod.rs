@@ -238,6 +238,8 @@ pub fn register(name: &str, token: Option<&str>) -> Msg {
         pid_start: None,
         checkpoints: vec![],
         token: token.map(str::to_owned),
+        host: None,
+        ram_bytes: None,
     }
 }
 

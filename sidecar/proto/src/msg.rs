@@ -6,7 +6,7 @@ use serde_json::Value;
 use crate::VectorClock;
 
 /// The protocol version this code speaks; `Register` and `Welcome` carry it.
-pub const PROTOCOL: u32 = 2;
+pub const PROTOCOL: u32 = 3;
 
 /// What the CLI asks the coordinator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,6 +61,86 @@ pub enum Msg {
         checkpoints: Vec<u64>,
         /// Pre-shared token for TCP.
         token: Option<String>,
+        /// The host (as its host agent registered it) this sidecar runs on; none for a
+        /// sidecar started by hand.
+        #[serde(default)]
+        host: Option<String>,
+        /// The VM's RAM, when its QEMU runs: what placing it on another host must fit.
+        #[serde(default)]
+        ram_bytes: Option<u64>,
+    },
+    /// Host agent → coordinator: this host joins `cluster`.
+    HostRegister {
+        /// The agent's [`PROTOCOL`].
+        version: u32,
+        /// Cluster name.
+        cluster: String,
+        /// The host's name.
+        host: String,
+        /// The host's address, for operators and placement logs.
+        address: String,
+        /// CPU cores.
+        cores: u32,
+        /// Memory in all, bytes.
+        mem_total: u64,
+        /// Memory available now, bytes (MemAvailable).
+        mem_available: u64,
+        /// The QEMU system emulators it has (`qemu-system-x86_64`, ...).
+        qemu: Vec<String>,
+        /// The VMs whose sidecars it runs now.
+        vms: Vec<String>,
+        /// Pre-shared token for TCP.
+        token: Option<String>,
+    },
+    /// Coordinator → host agent: registered; heartbeats renew a lease of `lease_ms`.
+    HostWelcome {
+        /// The coordinator's [`PROTOCOL`].
+        version: u32,
+        /// The coordinator's incarnation.
+        incarnation: u64,
+        /// Heartbeat period in ms.
+        heartbeat_ms: u64,
+        /// The lease a granted heartbeat buys, in ms from when the host sent it.
+        lease_ms: u64,
+    },
+    /// Host agent → coordinator: alive; renew the lease (`seq` numbers the heartbeats).
+    HostHeartbeat {
+        /// This heartbeat's number.
+        seq: u64,
+        /// Memory available now, bytes.
+        mem_available: u64,
+        /// The VMs whose sidecars it runs now.
+        vms: Vec<String>,
+    },
+    /// Coordinator → host agent: heartbeat `seq` is granted: the host holds its lease until
+    /// `ms` after it sent that heartbeat (by its own clock).
+    Lease {
+        /// The heartbeat granted.
+        seq: u64,
+        /// The lease, ms.
+        ms: u64,
+    },
+    /// Coordinator → host agent: run a sidecar for VM `name` here (it attaches to the VM's
+    /// QEMU if one runs, else waits to restore it).
+    Run {
+        /// VM name.
+        name: String,
+        /// The VM's QMP socket.
+        qmp: String,
+    },
+    /// Coordinator → host agent: VM `name` is not this host's: stop its sidecar, kill its
+    /// QEMU if one runs here.
+    Evict {
+        /// VM name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// Coordinator → host agent: this host was declared lost; it must fence now and
+    /// register again.
+    Revoked {
+        /// Why.
+        reason: String,
     },
     /// Coordinator → sidecar: registered.
     Welcome {
@@ -232,6 +312,13 @@ impl Msg {
         match self {
             Msg::Register { .. } => "register",
             Msg::Welcome { .. } => "welcome",
+            Msg::HostRegister { .. } => "host_register",
+            Msg::HostWelcome { .. } => "host_welcome",
+            Msg::HostHeartbeat { .. } => "host_heartbeat",
+            Msg::Lease { .. } => "lease",
+            Msg::Run { .. } => "run",
+            Msg::Evict { .. } => "evict",
+            Msg::Revoked { .. } => "revoked",
             Msg::Heartbeat => "heartbeat",
             Msg::Prepare { .. } => "prepare",
             Msg::Vote { .. } => "vote",
