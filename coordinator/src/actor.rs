@@ -126,6 +126,8 @@ pub struct Actor {
     leases: Leases,
     /// Each connected host agent's writer.
     host_tx: BTreeMap<String, Tx>,
+    /// VMs of lost hosts not placed on a surviving host yet (none had room or was up).
+    unplaced: BTreeSet<String>,
 }
 
 fn now_ms() -> u64 {
@@ -175,6 +177,7 @@ impl Actor {
             inputs,
             leases,
             host_tx: BTreeMap::new(),
+            unplaced: BTreeSet::new(),
         }
     }
 
@@ -605,6 +608,7 @@ impl Actor {
         for (host, why) in self.leases.expire(Instant::now()) {
             self.host_lost(&host, &why).await;
         }
+        self.place_pending().await;
         self.detect();
         self.step(Event::Tick);
         let failed: Vec<String> = self
@@ -881,28 +885,40 @@ impl Actor {
         if let Some(tx) = self.host_tx.remove(host) {
             let _ = tx.send(Envelope::plain(Msg::Revoked { reason: why.to_owned() }));
         }
-        let moved: Vec<(String, u64)> = self
+        let moved: Vec<String> = self
             .durable
             .members
             .iter()
             .filter(|(_, m)| m.host.as_deref() == Some(host))
-            .map(|(n, m)| (n.clone(), m.ram_bytes.unwrap_or(256 << 20)))
+            .map(|(n, _)| n.clone())
             .collect();
-        if moved.is_empty() {
-            return;
-        }
-        for (n, _) in &moved {
-            if let Some(m) = self.members.get_mut(n) {
+        for n in moved {
+            if let Some(m) = self.members.get_mut(&n) {
                 m.conn = None;
                 m.pid = None;
             }
-            self.vm_failed(n, format!("host {host} lost: {why}"));
+            self.vm_failed(&n, format!("host {host} lost: {why}"));
             self.step(Event::Disconnected { name: n.clone() });
+            self.unplaced.insert(n);
         }
-        let placement = match self.leases.place(&moved, self.cfg.standby.as_deref(), &[host.to_owned()]) {
+        self.place_pending().await;
+    }
+
+    /// Places the VMs of lost hosts on the hosts up now, records where, and has those
+    /// hosts run their sidecars; what finds no room waits for a host to come.
+    async fn place_pending(&mut self) {
+        if self.unplaced.is_empty() {
+            return;
+        }
+        let vms: Vec<(String, u64)> = self
+            .unplaced
+            .iter()
+            .map(|n| (n.clone(), self.durable.members.get(n).and_then(|m| m.ram_bytes).unwrap_or(256 << 20)))
+            .collect();
+        let placement = match self.leases.place(&vms, self.cfg.standby.as_deref(), &[]) {
             Ok(p) => p,
             Err(e) => {
-                tracing::error!(host = %host, "cannot place its VMs elsewhere: {e}");
+                tracing::warn!(vms = ?self.unplaced, "waiting for a host: {e}");
                 return;
             }
         };
@@ -913,13 +929,14 @@ impl Actor {
             }
         }
         if let Err(e) = self.save(next).await {
-            tracing::error!(host = %host, "cannot record where its VMs go: {e}");
+            tracing::error!("cannot record where the VMs of lost hosts go: {e}");
             return;
         }
         for (vm, to) in placement {
+            self.unplaced.remove(&vm);
             let qmp = self.durable.members.get(&vm).map(|m| m.qmp.clone()).unwrap_or_default();
-            tracing::warn!(vm = %vm, from = %host, to = %to, "placed on a surviving host");
-            self.figures.placements.push(json!({"vm": vm, "from": host, "to": to, "at_unix_ms": now_ms()}));
+            tracing::warn!(vm = %vm, to = %to, "placed on a surviving host");
+            self.figures.placements.push(json!({"vm": vm, "to": to, "at_unix_ms": now_ms()}));
             if let Some(m) = self.members.get_mut(&vm) {
                 m.info.host = Some(to.clone());
             }

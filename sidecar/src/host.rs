@@ -208,6 +208,8 @@ enum SessionError {
     Version(u32),
     #[error("the coordinator revoked this host's lease: {0}")]
     Revoked(String),
+    #[error("fenced: the lease ran out; registering again")]
+    Fenced,
 }
 
 impl HostAgent {
@@ -274,7 +276,12 @@ impl HostAgent {
                         break Err(SessionError::Frame(crate::proto::FrameError::Closed));
                     }
                 }
-                _ = tick.tick() => self.tick().await,
+                _ = tick.tick() => {
+                    self.tick().await;
+                    if matches!(self.lease.state(), lease::LeaseState::Fenced { .. }) {
+                        break Err(SessionError::Fenced);
+                    }
+                }
                 env = reader.next() => match env {
                     Ok(env) => {
                         if let Err(e) = self.on_msg(env.msg).await {
