@@ -54,6 +54,11 @@ pub enum Input {
         /// Where the answer goes.
         reply: Reply,
     },
+    /// The shared store holds a claim of a later incarnation than this one's.
+    Superseded {
+        /// The later incarnation.
+        by: u64,
+    },
     /// A record write finished.
     RecordDone {
         /// The epoch.
@@ -128,6 +133,10 @@ pub struct Actor {
     host_tx: BTreeMap<String, Tx>,
     /// VMs of lost hosts not placed on a surviving host yet (none had room or was up).
     unplaced: BTreeSet<String>,
+    /// When the shared store was last checked for a later coordinator.
+    last_claim_check: Instant,
+    /// Why this coordinator must stop: another took over its store.
+    superseded: Option<String>,
 }
 
 fn now_ms() -> u64 {
@@ -178,7 +187,14 @@ impl Actor {
             leases,
             host_tx: BTreeMap::new(),
             unplaced: BTreeSet::new(),
+            last_claim_check: Instant::now(),
+            superseded: None,
         }
+    }
+
+    /// Why this coordinator must stop, once another has taken over its store.
+    pub fn superseded(&self) -> Option<String> {
+        self.superseded.clone()
     }
 
     fn incarnation(&self) -> u64 {
@@ -393,6 +409,12 @@ impl Actor {
                 }
             }
             Input::Ask { request, reply } => self.on_ask(request, reply).await,
+            Input::Superseded { by } => {
+                self.superseded = Some(format!(
+                    "coordinator incarnation {by} started on the same store; this one ({}) stops",
+                    self.incarnation()
+                ));
+            }
             Input::RecordDone { epoch, result, commit_ms } => match result {
                 Ok(()) => {
                     self.figures.commit_ms.push(commit_ms);
@@ -605,6 +627,17 @@ impl Actor {
 
     /// Periodic work: failure evidence, deadlines, recovery, periodic epochs.
     pub async fn on_tick(&mut self) {
+        if self.last_claim_check.elapsed() >= Duration::from_secs(2) {
+            self.last_claim_check = Instant::now();
+            let (dir, inc, inputs) = (self.dir.clone(), self.incarnation(), self.inputs.clone());
+            tokio::task::spawn_blocking(move || match dir.superseded(inc) {
+                Ok(Some(by)) => {
+                    let _ = inputs.send(Input::Superseded { by });
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("cannot check the store for another coordinator: {e}"),
+            });
+        }
         for (host, why) in self.leases.expire(Instant::now()) {
             self.host_lost(&host, &why).await;
         }

@@ -170,7 +170,7 @@ impl Record {
 /// state directory's, or the object store the sidecars use). The record's write is the
 /// epoch's commit point; its key names the incarnation that wrote it, so that two
 /// coordinators on a store whose server ignores create-only writes never overwrite each
-/// other's record: they leave two, which are found and refused loudly.
+/// other's record: a writer that lists two withdraws its own (see [`Catalog::commit`]).
 ///
 /// The records of the kept epochs are cached: the coordinator's actor reads them without
 /// touching the store.
@@ -289,6 +289,11 @@ impl Catalog {
                 ?keys,
                 "two commit records for one epoch: two coordinators on one store"
             );
+            // Withdrawn: a record is acted on only by a writer whose listing found it
+            // alone, and then the other writer lists after both writes and withdraws its
+            // own; when both find two, neither commits and the epoch vanishes.
+            self.doubtful.lock().unwrap_or_else(|e| e.into_inner()).push(key);
+            self.retry_doubtful();
             return Err(RecordError::Duplicate { epoch: record.epoch, keys });
         }
         self.cache().insert(record.epoch, (key, record.clone()));
@@ -390,7 +395,12 @@ mod tests {
         let err = second.commit(&mut record(7)).expect_err("a second record for epoch 7");
         assert!(matches!(&err, RecordError::Duplicate { epoch: 7, keys } if keys.len() == 2), "{err}");
         assert!(err.to_string().contains("two coordinators"), "{err}");
-        let err = Catalog::open_dir(d.path(), 3).expect_err("the store holds two");
+        // The second withdrew its record: the first's, which it acted on, stands alone.
+        let third = Catalog::open_dir(d.path(), 3).expect("one record per epoch");
+        assert_eq!(third.epochs(), vec![7]);
+        // A store that holds two anyway (written by an older cutline) is refused loudly.
+        std::fs::write(d.path().join("epochs/0000000007-0000000009.json"), b"{}").expect("write");
+        let err = Catalog::open_dir(d.path(), 4).expect_err("the store holds two");
         assert!(matches!(err, RecordError::Duplicate { epoch: 7, .. }), "{err}");
     }
 

@@ -134,6 +134,9 @@ pub enum ServerError {
     /// The state directory is unusable or held by another coordinator.
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    /// Another coordinator took over the shared store.
+    #[error("superseded: {0}")]
+    Superseded(String),
     /// The TLS material of the TCP listener is unusable.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -144,20 +147,34 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     let cluster = "default".to_owned();
     // Bad TLS material stops the start before anything else is touched.
     let acceptor = cfg.tcp.as_ref().map(|t| t.tls.acceptor()).transpose()?;
-    let dir = StateDir::lock(&cfg.state_dir.join(&cluster))?;
-    let mut durable = dir.load()?;
-    durable.incarnation += 1;
-    let (records, incarnation) = (cfg.records.clone(), durable.incarnation);
+    let mut dir = StateDir::lock(&cfg.state_dir.join(&cluster))?;
     let local = cfg.state_dir.join(&cluster);
     // Opening an object store probes its server: off the async threads.
+    let records = cfg.records.clone();
+    let objects = tokio::task::spawn_blocking(move || match records {
+        Some(location) => cutline_objects::Objects::open(&location),
+        None => Ok(cutline_objects::Objects::Local(cutline_objects::Local::open(&local)?)),
+    })
+    .await
+    .map_err(|e| crate::record::RecordError::Store(cutline_objects::ObjectsError::Config(e.to_string())))?
+    .map_err(crate::record::RecordError::Store)?;
+    if cfg.records.is_some() {
+        // The state goes where the records go: a coordinator on another host carries on.
+        dir = dir.with_shared(objects.clone());
+    }
     let keep = cfg.keep.max(1);
-    let catalog = tokio::task::spawn_blocking(move || {
-        let catalog = match records {
-            Some(location) => Catalog::open(cutline_objects::Objects::open(&location)?, incarnation),
-            None => Catalog::open_dir(&local, incarnation),
-        }?;
+    let who = format!(
+        "pid {} on {}",
+        std::process::id(),
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim()
+    );
+    let (dir, mut durable, catalog) = tokio::task::spawn_blocking(move || {
+        let mut durable = dir.load()?;
+        durable.incarnation += 1;
+        dir.claim(durable.incarnation, &who)?;
+        let catalog = Catalog::open(objects, durable.incarnation)?;
         catalog.prune(keep);
-        Ok::<_, crate::record::RecordError>(catalog)
+        Ok::<_, ServerError>((dir, durable, catalog))
     })
     .await
     .map_err(|e| crate::record::RecordError::Store(cutline_objects::ObjectsError::Config(e.to_string())))??;
@@ -180,6 +197,14 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
                 Some(i) => actor.on_input(i).await,
                 None => break,
             },
+        }
+        if let Some(why) = actor.superseded() {
+            tracing::error!("stopping: {why}");
+            for l in &listeners {
+                l.abort();
+            }
+            let _ = std::fs::remove_file(&socket);
+            return Err(ServerError::Superseded(why));
         }
     }
     for l in listeners {

@@ -1,12 +1,19 @@
 //! The coordinator's own durable state: its incarnation, the next epoch number and the
 //! membership, in `DIR/state.json` (temp, fsync, rename, fsync of the directory), and the
 //! exclusive lock on `DIR/lock` that makes it the one coordinator of that directory.
+//!
+//! With a shared store (the object store of the records), the state is also kept there,
+//! as `coordinator/state.json`, so that a coordinator started on another host with the
+//! same store carries on; each start claims its incarnation with a create-only object
+//! `coordinator/incarnation/N`, and a coordinator that sees a higher claim than its own
+//! has been superseded and stops.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use cutline_objects::{Objects, ObjectsError};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use sidecar::store::private;
@@ -97,6 +104,25 @@ pub enum StateError {
         /// ", by pid N" when known.
         holder: String,
     },
+    /// The shared store failed.
+    #[error("coordinator state in {store}")]
+    Shared {
+        /// The store.
+        store: String,
+        /// Cause.
+        #[source]
+        source: ObjectsError,
+    },
+    /// Another coordinator claimed this incarnation on the shared store first.
+    #[error(
+        "another coordinator claimed incarnation {incarnation} on {store} at the same time: two coordinators on one store"
+    )]
+    Claimed {
+        /// The incarnation.
+        incarnation: u64,
+        /// The store.
+        store: String,
+    },
     /// The state file is damaged or of another format.
     #[error("coordinator state {path} is unusable: {why}")]
     Bad {
@@ -112,7 +138,13 @@ pub enum StateError {
 pub struct StateDir {
     dir: PathBuf,
     _lock: Flock<File>,
+    shared: Option<Objects>,
 }
+
+const SHARED_STATE: &str = "coordinator/state.json";
+const CLAIMS: &str = "coordinator/incarnation/";
+/// Claims of earlier incarnations kept (older ones are deleted).
+const CLAIMS_KEPT: u64 = 16;
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StateError {
     let path = path.to_owned();
@@ -135,7 +167,7 @@ impl StateDir {
             Ok(mut l) => {
                 let _ = l.set_len(0);
                 let _ = write!(l, "{}", std::process::id());
-                Ok(StateDir { dir: dir.to_owned(), _lock: l })
+                Ok(StateDir { dir: dir.to_owned(), _lock: l, shared: None })
             }
             Err(_) => {
                 let holder = std::fs::read_to_string(&path).ok().filter(|s| !s.trim().is_empty());
@@ -152,8 +184,64 @@ impl StateDir {
         self.dir.join("state.json")
     }
 
-    /// Reads the state (a fresh one when none was written).
+    /// Keeps the state in `objects` too (the records' store).
+    pub fn with_shared(mut self, objects: Objects) -> StateDir {
+        self.shared = Some(objects);
+        self
+    }
+
+    fn shared_err(&self) -> impl FnOnce(ObjectsError) -> StateError + use<> {
+        let store = self.shared.as_ref().map(Objects::describe).unwrap_or_default();
+        move |source| StateError::Shared { store, source }
+    }
+
+    /// Reads the state: of the local file and the shared store's copy, the one of the
+    /// higher incarnation (a fresh state when neither was written).
     pub fn load(&self) -> Result<Durable, StateError> {
+        let local = self.load_local()?;
+        let Some(o) = &self.shared else { return Ok(local) };
+        match o.get(SHARED_STATE) {
+            Ok(data) => {
+                let shared = Durable::from_bytes(&data).map_err(|e| StateError::Bad {
+                    path: PathBuf::from(format!("{}/{SHARED_STATE}", o.describe())),
+                    why: e.to_string(),
+                })?;
+                Ok(if shared.incarnation >= local.incarnation { shared } else { local })
+            }
+            Err(ObjectsError::NotFound { .. }) => Ok(local),
+            Err(e) => Err(self.shared_err()(e)),
+        }
+    }
+
+    /// Claims `incarnation` on the shared store (create-only): refused when another
+    /// coordinator claimed it. Older claims beyond the last few are deleted.
+    pub fn claim(&self, incarnation: u64, who: &str) -> Result<(), StateError> {
+        let Some(o) = &self.shared else { return Ok(()) };
+        let key = format!("{CLAIMS}{incarnation:010}");
+        match o.put_new(&key, who.as_bytes()) {
+            Ok(cutline_objects::Created::New) => {}
+            Ok(cutline_objects::Created::Same) | Err(ObjectsError::Exists { .. }) => {
+                return Err(StateError::Claimed { incarnation, store: o.describe() });
+            }
+            Err(e) => return Err(self.shared_err()(e)),
+        }
+        for m in o.list(CLAIMS).unwrap_or_default() {
+            if parse_claim(&m.key).is_some_and(|i| i + CLAIMS_KEPT < incarnation) {
+                let _ = o.delete(&m.key);
+            }
+        }
+        Ok(())
+    }
+
+    /// The highest incarnation claimed on the shared store, if above `mine`: then another
+    /// coordinator has taken over, and this one must stop.
+    pub fn superseded(&self, mine: u64) -> Result<Option<u64>, StateError> {
+        let Some(o) = &self.shared else { return Ok(None) };
+        let top = o.list(CLAIMS).map_err(self.shared_err())?.iter().filter_map(|m| parse_claim(&m.key)).max();
+        Ok(top.filter(|&t| t > mine))
+    }
+
+    fn load_local(&self) -> Result<Durable, StateError> {
         let path = self.file();
         match std::fs::read(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -169,8 +257,17 @@ impl StateDir {
         let path = self.file();
         let data =
             serde_json::to_vec_pretty(state).map_err(|e| StateError::Bad { path: path.clone(), why: e.to_string() })?;
-        sidecar::store::write_atomically(&path, &data).map_err(|e| StateError::Write(Box::new(e)))
+        sidecar::store::write_atomically(&path, &data).map_err(|e| StateError::Write(Box::new(e)))?;
+        if let Some(o) = &self.shared {
+            o.put(SHARED_STATE, &data).map_err(self.shared_err())?;
+        }
+        Ok(())
     }
+}
+
+/// `coordinator/incarnation/0000000007`: 7.
+fn parse_claim(key: &str) -> Option<u64> {
+    key.strip_prefix(CLAIMS)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -204,6 +301,33 @@ mod tests {
         let err = Durable::from_bytes(&serde_json::to_vec(&other).expect("json")).expect_err("format");
         assert_eq!(err.to_string(), "format 7 (this cutline reads 1)");
         assert!(matches!(Durable::from_bytes(b"[]"), Err(StateParseError::Json(_))));
+    }
+
+    #[test]
+    fn a_coordinator_on_another_host_carries_on_from_the_shared_store_and_supersedes_the_first() {
+        let shared = tempfile::tempdir().expect("tempdir");
+        let objects = || Objects::Local(cutline_objects::Local::open(shared.path()).expect("objects"));
+        let (a, b) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"));
+        let first = StateDir::lock(a.path()).expect("lock a").with_shared(objects());
+        let mut st = first.load().expect("fresh");
+        st.incarnation += 1;
+        first.claim(st.incarnation, "host a").expect("claim 1");
+        st.next_epoch = 9;
+        st.members.insert(
+            "vm0".into(),
+            MemberInfo { qmp: "/q".into(), store: "/s".into(), host: Some("a".into()), ram_bytes: None },
+        );
+        first.save(&st).expect("save");
+        // Another host, its own empty state directory, the same store.
+        let second = StateDir::lock(b.path()).expect("lock b").with_shared(objects());
+        let mut st2 = second.load().expect("load");
+        assert_eq!(st2, st, "carries on from the shared copy");
+        assert!(matches!(second.claim(st2.incarnation, "host b"), Err(StateError::Claimed { incarnation: 1, .. })));
+        st2.incarnation += 1;
+        second.claim(st2.incarnation, "host b").expect("claim 2");
+        second.save(&st2).expect("save");
+        assert_eq!(first.superseded(1).expect("list"), Some(2), "the first sees it was superseded");
+        assert_eq!(second.superseded(2).expect("list"), None);
     }
 
     #[test]

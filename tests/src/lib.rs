@@ -9,6 +9,7 @@ pub mod chaos;
 pub mod control;
 pub mod garage;
 pub mod guest;
+pub mod hosts;
 pub mod image;
 pub mod mount;
 pub mod netns;
