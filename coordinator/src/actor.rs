@@ -877,18 +877,24 @@ impl Actor {
             },
         });
         tracing::info!(host = %host, vms = ?vms, "host registered");
-        // What it runs that is placed elsewhere goes; what is placed on it and it lacks, it runs.
-        for vm in &vms {
-            let placed = self.durable.members.get(vm).and_then(|m| m.host.as_deref());
-            if placed.is_some_and(|p| p != host) {
-                let reason = format!("{vm} runs on host {} now", placed.unwrap_or_default());
-                let _ = tx.send(Envelope::plain(Msg::Evict { name: vm.clone(), reason }));
-            }
-        }
-        for (n, m) in &self.durable.members {
-            if m.host.as_deref() == Some(host.as_str()) && !vms.contains(n) {
-                let _ = tx.send(Envelope::plain(Msg::Run { name: n.clone(), qmp: m.qmp.clone() }));
-            }
+        // Every VM it reports, and every VM placed on it, gets an order: run it here
+        // (placed here, or not a member yet: it joins from here), or evict it (placed
+        // elsewhere: it moved while this host was away). Its agent starts no sidecar
+        // without one.
+        let mut names: BTreeSet<&String> = vms.iter().collect();
+        names.extend(
+            self.durable.members.iter().filter(|(_, m)| m.host.as_deref() == Some(host.as_str())).map(|(n, _)| n),
+        );
+        for vm in names {
+            let member = self.durable.members.get(vm);
+            let msg = match member.and_then(|m| m.host.as_deref()) {
+                Some(placed) if placed != host => {
+                    Msg::Evict { name: vm.clone(), reason: format!("{vm} runs on host {placed} now") }
+                }
+                _ if self.unplaced.contains(vm) => continue,
+                _ => Msg::Run { name: vm.clone(), qmp: member.map(|m| m.qmp.clone()).unwrap_or_default() },
+            };
+            let _ = tx.send(Envelope::plain(msg));
         }
         self.host_tx.insert(host, tx);
     }

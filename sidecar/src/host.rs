@@ -87,6 +87,10 @@ struct Assigned {
 /// One VM's sidecar.
 struct Sidecar {
     qmp: PathBuf,
+    /// The coordinator said this host runs it (a `Run` of this agent's process): until
+    /// then no sidecar starts, so a VM that moved away while this agent was down is
+    /// never touched here.
+    confirmed: bool,
     child: Option<Child>,
     /// When its sidecar last started (restarts are spaced).
     started: Option<Instant>,
@@ -141,7 +145,11 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     save_assigned(&cfg.state, &assigned)?;
     // A lease of an earlier run of this agent may still run: keep the file as it is.
     let mut a = HostAgent {
-        vms: assigned.vms.into_iter().map(|(n, qmp)| (n, Sidecar { qmp, child: None, started: None })).collect(),
+        vms: assigned
+            .vms
+            .into_iter()
+            .map(|(n, qmp)| (n, Sidecar { qmp, confirmed: false, child: None, started: None }))
+            .collect(),
         cfg,
         lease: Lease::default(),
         seq: 0,
@@ -309,13 +317,25 @@ impl HostAgent {
                 }
                 Err(r) => tracing::debug!(host = %self.cfg.host, "grant ignored: {r}"),
             },
+            Msg::Run { name, qmp } if !self.vms.contains_key(&name) && qmp.is_empty() => {
+                tracing::warn!(host = %self.cfg.host, vm = %name, "told to run a VM without its QMP socket: ignored");
+            }
             Msg::Run { name, qmp } => {
                 if crate::VmName::new(&name).is_err() {
                     tracing::warn!(host = %self.cfg.host, "refused to run a sidecar for bad VM name {name:?}");
                     return Ok(());
                 }
-                tracing::info!(host = %self.cfg.host, vm = %name, "assigned here");
-                self.vms.entry(name).or_insert(Sidecar { qmp: qmp.into(), child: None, started: None });
+                tracing::info!(host = %self.cfg.host, vm = %name, "runs here");
+                let s = self.vms.entry(name.clone()).or_insert(Sidecar {
+                    qmp: qmp.clone().into(),
+                    confirmed: true,
+                    child: None,
+                    started: None,
+                });
+                s.confirmed = true;
+                if !qmp.is_empty() {
+                    s.qmp = qmp.into();
+                }
                 self.persist();
             }
             Msg::Evict { name, reason } => {
@@ -379,7 +399,7 @@ impl HostAgent {
     /// Starts `name`'s sidecar if it is not running (spaced by a second after an exit).
     fn keep_running(&mut self, name: &str) {
         let cfg = self.cfg.clone();
-        let Some(s) = self.vms.get_mut(name) else { return };
+        let Some(s) = self.vms.get_mut(name).filter(|s| s.confirmed) else { return };
         if let Some(c) = &mut s.child {
             match c.try_wait() {
                 Ok(None) => return,
