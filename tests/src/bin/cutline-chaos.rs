@@ -37,7 +37,8 @@ struct Cli {
     /// Longest a failpoint may take to be reached.
     #[arg(long, default_value = "15s", value_parser = chaos::parse_duration)]
     reach: Duration,
-    /// Fault kinds, comma-separated: qemu, sidecar, coordinator, failpoint, full-store.
+    /// Fault kinds, comma-separated: qemu, sidecar, coordinator, failpoint, full-store;
+    /// with --hosts also host and partition.
     #[arg(long, default_value = "qemu,sidecar,coordinator,failpoint,full-store")]
     kinds: String,
     /// Go on after a violation (and report them all).
@@ -50,6 +51,16 @@ struct Cli {
     /// starts (needs `garage`; the full-store kind does not apply).
     #[arg(long)]
     garage: bool,
+    /// Run the sidecars under this many host agents (`cutline-sidecar host`), guests
+    /// dealt round-robin; needed by the host and partition kinds. 0: no host agents.
+    #[arg(long, default_value_t = 0)]
+    hosts: usize,
+    /// The hosts' lease.
+    #[arg(long, default_value = "2s", value_parser = chaos::parse_duration)]
+    lease: Duration,
+    /// The coordinator's margin beyond a lost host's lease.
+    #[arg(long, default_value = "1s", value_parser = chaos::parse_duration)]
+    lease_margin: Duration,
     /// Copy the daemons' logs into this directory at the end.
     #[arg(long)]
     logs: Option<PathBuf>,
@@ -90,6 +101,9 @@ fn main() -> ExitCode {
         store_mib: cli.store_mib,
         garage: cli.garage,
         logs: cli.logs,
+        hosts: cli.hosts,
+        lease: cli.lease,
+        lease_margin: cli.lease_margin,
     };
     if opts.garage && opts.kinds.contains(&Kind::FullStore) {
         eprintln!("cutline-chaos: --garage keeps the store on Garage: leave full-store out of --kinds");

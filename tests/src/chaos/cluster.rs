@@ -32,7 +32,7 @@ pub struct Cluster {
     pub guests: Vec<Guest>,
     /// The coordinator.
     pub coordinator: Daemon,
-    /// One sidecar per guest, in the order of `guests`.
+    /// One sidecar per guest, in the order of `guests`; with hosts, the host agents.
     pub sidecars: Vec<Daemon>,
     cutline: PathBuf,
     tmpfs: Option<Tmpfs>,
@@ -99,29 +99,62 @@ impl Cluster {
         if let Some(url) = &s3_url {
             argv.extend(["--records".into(), url.clone()]);
         }
+        if opts.hosts > 0 {
+            argv.extend(["--lease".into(), ms(opts.lease), "--lease-margin".into(), ms(opts.lease_margin)]);
+        }
         let coordinator = Daemon::new("coordinator", argv, dir.join("coordinator.log")).with_env(s3_env.clone());
-        let sidecars = guests
-            .iter()
-            .map(|g| {
-                let mut argv = vec![
-                    s(&sidecar),
-                    "serve".into(),
-                    "--coordinator".into(),
-                    s(&state.join("cutline.sock")),
-                    "--name".into(),
-                    g.name.clone(),
-                    "--qmp".into(),
-                    s(&g.qmp_path),
-                    "--store".into(),
-                    s(&store),
-                ];
-                if let Some(url) = &s3_url {
-                    argv.extend(["--objects".into(), url.clone()]);
-                }
-                Daemon::new(&format!("sidecar {}", g.name), argv, dir.join(format!("sidecar-{}.log", g.name)))
-                    .with_env(s3_env.clone())
-            })
-            .collect();
+        // With hosts: one host agent per host, the guests dealt round-robin; each runs the
+        // sidecars of its guests.
+        let hosts = (0..opts.hosts).map(|k| {
+            let mut argv = Vec::new();
+            if let Some(url) = &s3_url {
+                argv.extend(["--objects".into(), url.clone()]);
+            }
+            argv.splice(0..0, [s(&sidecar)]);
+            argv.extend([
+                "host".into(),
+                "--coordinator".into(),
+                s(&state.join("cutline.sock")),
+                "--name".into(),
+                format!("h{k}"),
+                "--address".into(),
+                "127.0.0.1".into(),
+                "--state".into(),
+                s(&dir.join(format!("host-h{k}"))),
+                "--store".into(),
+                s(&store),
+            ]);
+            for g in guests.iter().skip(k).step_by(opts.hosts) {
+                argv.extend(["--vm".into(), format!("{}={}", g.name, g.qmp_path.display())]);
+            }
+            Daemon::new(&format!("host h{k}"), argv, dir.join(format!("host-h{k}.log"))).with_env(s3_env.clone())
+        });
+        let sidecars = if opts.hosts > 0 {
+            hosts.collect()
+        } else {
+            guests
+                .iter()
+                .map(|g| {
+                    let mut argv = vec![
+                        s(&sidecar),
+                        "serve".into(),
+                        "--coordinator".into(),
+                        s(&state.join("cutline.sock")),
+                        "--name".into(),
+                        g.name.clone(),
+                        "--qmp".into(),
+                        s(&g.qmp_path),
+                        "--store".into(),
+                        s(&store),
+                    ];
+                    if let Some(url) = &s3_url {
+                        argv.extend(["--objects".into(), url.clone()]);
+                    }
+                    Daemon::new(&format!("sidecar {}", g.name), argv, dir.join(format!("sidecar-{}.log", g.name)))
+                        .with_env(s3_env.clone())
+                })
+                .collect()
+        };
         let mut c = Cluster {
             names: guests.iter().map(|g| g.name.clone()).collect(),
             dir,
@@ -195,6 +228,21 @@ impl Cluster {
         self.daemons().find(|d| d.name == name)
     }
 
+    /// The live `cutline-sidecar serve` processes of VM `name` in this run.
+    pub fn sidecar_pids(&self, name: &str) -> Vec<i32> {
+        let dir = self.dir.display().to_string();
+        procs::processes()
+            .into_iter()
+            .filter(|p| {
+                !p.zombie
+                    && p.cmdline.iter().any(|a| a == "serve")
+                    && p.cmdline.windows(2).any(|w| w[0] == "--name" && w[1] == name)
+                    && p.cmdline.iter().any(|a| a.contains(&dir))
+            })
+            .map(|p| p.pid)
+            .collect()
+    }
+
     /// Reaps the zombies of QEMUs the runner inherited from dead sidecars.
     pub fn reap(&self) {
         let mut keep: Vec<i32> = self.guests.iter().map(Guest::pid).collect();
@@ -228,6 +276,13 @@ impl Drop for Cluster {
         self.coordinator.kill();
         for d in &mut self.sidecars {
             d.kill();
+        }
+        // Sidecars a killed host agent left behind.
+        let dir = self.dir.display().to_string();
+        for p in procs::processes() {
+            if !p.zombie && p.cmdline.iter().any(|a| a == "serve") && p.cmdline.iter().any(|a| a.contains(&dir)) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), nix::sys::signal::Signal::SIGKILL);
+            }
         }
         self.guests.clear();
         let stray = procs::kill_qemus_under(&self.dir);

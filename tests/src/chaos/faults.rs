@@ -23,11 +23,27 @@ pub enum Kind {
     Failpoint,
     /// The store filled to a few MiB free for a while: epochs abort, guests run on.
     FullStore,
+    /// A host lost as by power loss: its host agent, its sidecars and its VMs' QEMUs
+    /// SIGKILLed; the host comes back (empty of VMs) after its lease and margin. Its VMs
+    /// restart on the other hosts. Needs hosts.
+    Host,
+    /// The coordinator cut off from every host (SIGSTOP) for longer than the lease and
+    /// margin: every host fences its VMs before the coordinator could place a copy; then
+    /// the cluster comes back from its last epoch. Needs hosts.
+    Partition,
 }
 
 impl Kind {
     /// Every kind, in report order.
-    pub const ALL: [Kind; 5] = [Kind::Qemu, Kind::Sidecar, Kind::Coordinator, Kind::Failpoint, Kind::FullStore];
+    pub const ALL: [Kind; 7] =
+        [Kind::Qemu, Kind::Sidecar, Kind::Coordinator, Kind::Failpoint, Kind::FullStore, Kind::Host, Kind::Partition];
+    /// The kinds that need no host agents (the default).
+    pub const CLASSIC: [Kind; 5] = [Kind::Qemu, Kind::Sidecar, Kind::Coordinator, Kind::Failpoint, Kind::FullStore];
+
+    /// Whether it needs host agents.
+    pub fn needs_hosts(self) -> bool {
+        matches!(self, Kind::Host | Kind::Partition)
+    }
 
     /// Its name on the command line and in reports.
     pub fn name(self) -> &'static str {
@@ -37,6 +53,8 @@ impl Kind {
             Kind::Coordinator => "coordinator",
             Kind::Failpoint => "failpoint",
             Kind::FullStore => "full-store",
+            Kind::Host => "host",
+            Kind::Partition => "partition",
         }
     }
 
@@ -146,6 +164,16 @@ impl Runner<'_> {
                 let target = self.kill_qemu(i).await?;
                 Ok(Injected::new(kind, target))
             }
+            Kind::Sidecar if self.opts.hosts > 0 => {
+                // The host agent starts it again.
+                let i = self.rng.index(self.c.names.len());
+                let name = self.c.names[i].clone();
+                let pids = self.c.sidecar_pids(&name);
+                for p in &pids {
+                    let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
+                }
+                Ok(Injected { keep_vms: true, ..Injected::new(kind, format!("sidecar of {name} (pids {pids:?})")) })
+            }
             Kind::Sidecar => {
                 let i = self.rng.index(self.c.sidecars.len());
                 let delay = self.rng.duration(Duration::from_secs(2));
@@ -162,7 +190,65 @@ impl Runner<'_> {
             }
             Kind::Failpoint => self.failpoint().await,
             Kind::FullStore => self.full_store().await,
+            Kind::Host => self.lose_host().await,
+            Kind::Partition => self.partition().await,
         }
+    }
+
+    /// A host lost as by power loss: its agent's process group (the agent and its
+    /// sidecars) and the QEMUs of the VMs placed on it SIGKILLed; the host comes back
+    /// after its lease, the margin and 0..2 s, as after a reboot (its files kept).
+    async fn lose_host(&mut self) -> anyhow::Result<Injected> {
+        let k = self.rng.index(self.c.sidecars.len());
+        let name = self.c.sidecars[k].name.clone();
+        let host = name.trim_start_matches("host ").to_owned();
+        let s = self.c.cli(&["status"]).await?;
+        let mut qemus = Vec::new();
+        for m in s["members"].as_array().into_iter().flatten() {
+            if m["host"] == host.as_str()
+                && let Some(pid) = m["pid"].as_i64()
+            {
+                qemus.push(pid as i32);
+            }
+        }
+        self.c.sidecars[k].kill();
+        for p in &qemus {
+            let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
+        }
+        let delay = self.opts.lease + self.opts.lease_margin + self.rng.duration(Duration::from_secs(2));
+        self.schedule(&name, delay);
+        Ok(Injected::new(Kind::Host, format!("{host} with QEMUs {qemus:?}, back after {delay:?}")))
+    }
+
+    /// The coordinator stopped (SIGSTOP) for the lease, the margin and 1 s: no host can
+    /// renew, so every QEMU must be gone before the coordinator runs again (a copy could
+    /// start from then on). Then it runs again and the cluster recovers.
+    async fn partition(&mut self) -> anyhow::Result<Injected> {
+        let pid = self.c.coordinator.pid().ok_or_else(|| anyhow::anyhow!("the coordinator does not run"))?;
+        let hold = self.opts.lease + self.opts.lease_margin + Duration::from_secs(1);
+        let mut inj = Injected::new(Kind::Partition, format!("coordinator cut off from every host for {hold:?}"));
+        kill(Pid::from_raw(pid), Signal::SIGSTOP)?;
+        let fenced_by = Instant::now() + self.opts.lease + self.opts.lease_margin;
+        let mut last = Vec::new();
+        while Instant::now() < fenced_by {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.c.reap();
+            last = procs::qemus_under(&self.c.dir);
+            if last.is_empty() {
+                break;
+            }
+        }
+        if !last.is_empty() {
+            inj.violation = Some(format!(
+                "QEMUs still ran {:?} after the partition began, past the lease and margin: {:?}",
+                self.opts.lease + self.opts.lease_margin,
+                last.iter().map(|p| p.pid).collect::<Vec<_>>()
+            ));
+        }
+        inj.target.push_str(&format!(", every VM fenced after {:.1} s", inj.at.elapsed().as_secs_f64()));
+        tokio::time::sleep(fenced_by.saturating_duration_since(Instant::now()) + Duration::from_secs(1)).await;
+        kill(Pid::from_raw(pid), Signal::SIGCONT)?;
+        Ok(inj)
     }
 
     /// SIGKILLs guest `i`'s QEMU (the pid the coordinator knows).

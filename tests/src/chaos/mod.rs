@@ -1,7 +1,9 @@
 //! A chaos runner of real processes: a cluster of guests with the real `cutline serve`
-//! and `cutline-sidecar serve` daemons, and a seeded series of faults (QEMU, sidecar and
-//! coordinator killed, failpoints, a full store), each followed by checks that the
-//! cluster recovered and that no invariant broke. `cutline-chaos` is its command line.
+//! and `cutline-sidecar serve` daemons (or, with `hosts`, host agents that run the
+//! sidecars), and a seeded series of faults (QEMU, sidecar and coordinator killed,
+//! failpoints, a full store; with hosts, a host lost and a partition), each followed by
+//! checks that the cluster recovered and that no invariant broke. `cutline-chaos` is its
+//! command line.
 
 pub mod checks;
 pub mod cluster;
@@ -50,6 +52,13 @@ pub struct Options {
     pub garage: bool,
     /// Copy the daemons' logs here at the end.
     pub logs: Option<PathBuf>,
+    /// Host agents (`cutline-sidecar host`), the guests spread over them; 0 runs one
+    /// sidecar per guest directly, without hosts.
+    pub hosts: usize,
+    /// The hosts' lease.
+    pub lease: Duration,
+    /// The coordinator's margin beyond a lost host's lease.
+    pub lease_margin: Duration,
 }
 
 impl Default for Options {
@@ -63,11 +72,14 @@ impl Default for Options {
             timeout: Duration::from_secs(3),
             deadline: Duration::from_secs(120),
             reach: Duration::from_secs(15),
-            kinds: Kind::ALL.to_vec(),
+            kinds: Kind::CLASSIC.to_vec(),
             keep_going: false,
             store_mib: 768,
             garage: false,
             logs: None,
+            hosts: 0,
+            lease: Duration::from_secs(2),
+            lease_margin: Duration::from_secs(1),
         }
     }
 }
@@ -103,6 +115,16 @@ impl Options {
         }
         if self.garage {
             cmd.push_str(" --garage");
+        }
+        if self.hosts > 0 {
+            cmd.push_str(&format!(" --hosts {}", self.hosts));
+            for (flag, value, default) in
+                [("--lease", self.lease, d.lease), ("--lease-margin", self.lease_margin, d.lease_margin)]
+            {
+                if value != default {
+                    cmd.push_str(&format!(" {flag} {}ms", value.as_millis()));
+                }
+            }
         }
         cmd
     }
@@ -238,6 +260,12 @@ impl Runner<'_> {
         }
         self.report.startup_s = t0.elapsed().as_secs_f64();
         let mut kinds = Deck::new(self.opts.kinds.iter().flat_map(|k| std::iter::repeat_n(*k, k.weight())).collect());
+        if self.opts.hosts > 0 {
+            // A host agent runs every sidecar of its host with one environment: only the
+            // coordinator's failpoints can be armed.
+            self.failpoints =
+                Deck::new(FAILPOINTS.iter().copied().filter(|f| f.side == faults::Side::Coordinator).collect());
+        }
         for i in 1..=self.opts.faults {
             let kind = kinds.draw(&mut self.rng).ok_or_else(|| anyhow::anyhow!("no fault kinds"))?;
             let delay = self.rng.duration(self.opts.interval * 2);
@@ -301,6 +329,10 @@ impl Runner<'_> {
 pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     let started = *START.get_or_init(Instant::now);
     anyhow::ensure!(opts.guests >= 1 && !opts.kinds.is_empty(), "need at least one guest and one fault kind");
+    if let Some(k) = opts.kinds.iter().find(|k| k.needs_hosts()).filter(|_| opts.hosts == 0) {
+        anyhow::bail!("fault kind {} needs host agents: run with --hosts 2 or more", k.name());
+    }
+    anyhow::ensure!(opts.hosts != 1, "--hosts 1 leaves no host to restart a lost host's VMs on: use 0 or 2+");
     let c = Cluster::start(opts).await?;
     let report = Report {
         seed: opts.seed,
