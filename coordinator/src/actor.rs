@@ -562,10 +562,12 @@ impl Actor {
                 }
             }
             msg => {
-                if let Msg::Restored { pid, pid_start, .. } = &msg
+                if let Msg::Restored { pid, pid_start, epoch, restore_ms, fetch_ms } = &msg
                     && let Some(m) = self.members.get_mut(name)
                 {
                     (m.pid, m.pid_start) = (Some(*pid), *pid_start);
+                    self.figures.restores.push(json!({"vm": name, "epoch": epoch, "host": m.info.host,
+                        "restore_ms": restore_ms, "fetch_ms": fetch_ms, "at_unix_ms": now_ms()}));
                 }
                 if let Msg::StepFailed { epoch, reason } = &msg {
                     tracing::warn!(vm = %name, epoch, "step failed: {reason}");
@@ -920,7 +922,10 @@ impl Actor {
     /// sidecars restore them there.
     async fn host_lost(&mut self, host: &str, why: &str) {
         tracing::error!(host = %host, "host lost: {why}");
-        self.figures.detections.push(json!({"host": host, "reason": why, "at_unix_ms": now_ms()}));
+        let since_grant_ms =
+            self.leases.hosts.get(host).map_or(0.0, |h| ms(Instant::now().duration_since(h.last_grant)));
+        self.figures.detections.push(json!({"host": host, "reason": why, "at_unix_ms": now_ms(),
+            "last_grant_unix_ms": now_ms().saturating_sub(since_grant_ms as u64)}));
         if let Some(tx) = self.host_tx.remove(host) {
             let _ = tx.send(Envelope::plain(Msg::Revoked { reason: why.to_owned() }));
         }

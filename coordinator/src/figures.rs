@@ -104,6 +104,8 @@ pub struct Figures {
     pub halts: Recent,
     /// VMs of lost hosts placed on surviving ones.
     pub placements: Recent,
+    /// Restores of members (where, how long, of which the fetch).
+    pub restores: Recent,
     /// Messages discarded (another incarnation or epoch, or not allowed in the state).
     pub discarded: u64,
 }
@@ -130,6 +132,7 @@ impl Figures {
                 "recoveries": self.recoveries,
                 "halts": self.halts,
                 "placements": self.placements,
+                "restores": self.restores,
             },
         })
     }

@@ -201,7 +201,8 @@ fn a_recovery_restores_every_target_then_resumes_them_together() {
     let e = p.step(Event::Recover(plan(now)), now, &s).expect("recover");
     let kinds: Vec<_> = sends(&e).into_iter().map(|(_, k)| k).collect();
     assert_eq!(kinds, vec!["abort", "restore", "restore"], "the epoch in flight aborts first");
-    let restored = |n: &str| member(n, Msg::Restored { epoch: 6, pid: 1, pid_start: None, restore_ms: 1.0 });
+    let restored =
+        |n: &str| member(n, Msg::Restored { epoch: 6, pid: 1, pid_start: None, restore_ms: 1.0, fetch_ms: 0.5 });
     assert!(p.step(restored("a"), now, &s).expect("a").is_empty());
     let e = p.step(restored("b"), now, &s).expect("b");
     assert_eq!(sends(&e), vec![(vec!["a".into(), "b".into()], "resume")]);
@@ -245,8 +246,8 @@ fn recovery_refuses_other_epochs_and_strangers() {
     p.step(Event::Recover(plan(now)), now, &s).expect("recover");
     let q = p.clone();
     for ev in [
-        member("a", Msg::Restored { epoch: 5, pid: 1, pid_start: None, restore_ms: 1.0 }),
-        member("z", Msg::Restored { epoch: 6, pid: 1, pid_start: None, restore_ms: 1.0 }),
+        member("a", Msg::Restored { epoch: 5, pid: 1, pid_start: None, restore_ms: 1.0, fetch_ms: 0.5 }),
+        member("z", Msg::Restored { epoch: 6, pid: 1, pid_start: None, restore_ms: 1.0, fetch_ms: 0.5 }),
         member("a", Msg::Resumed { epoch: 6 }),
         Event::Registered { name: "z".into() },
     ] {

@@ -132,6 +132,8 @@ struct Agent {
     keep: Option<Vec<u64>>,
     /// The VM's RAM, read at attach.
     ram_bytes: Option<u64>,
+    /// The last restore's (whole, fetch) times, ms, for its `Restored`.
+    restore_times: Option<(f64, f64)>,
 }
 
 /// Runs the agent until `shutdown` resolves. Reconnects to the coordinator when the
@@ -175,6 +177,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         last_sweep: None,
         keep: None,
         ram_bytes: None,
+        restore_times: None,
     };
     tokio::pin!(shutdown);
     let fenced = fence_watch(a.cfg.lease_file.clone());

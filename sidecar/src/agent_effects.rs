@@ -184,7 +184,8 @@ impl Agent {
             }
             VmEffect::SendRestored(at, pid) => {
                 let pid_start = crate::process::start_time(pid);
-                self.send_for(at, Msg::Restored { epoch: at.epoch, pid, pid_start, restore_ms: 0.0 });
+                let (restore_ms, fetch_ms) = self.restore_times.take().unwrap_or_default();
+                self.send_for(at, Msg::Restored { epoch: at.epoch, pid, pid_start, restore_ms, fetch_ms });
             }
             VmEffect::Cont(at) => {
                 let r = match &self.qmp {
@@ -240,6 +241,7 @@ impl Agent {
                 self.slot_event(SlotEvent::Stored(at, Err(reason))).await;
             }
             Done::Restored(at, r) => {
+                self.restore_times = r.as_ref().ok().map(|rep| (rep.duration_ms, rep.fetch_ms));
                 let r = r.map(|report| report.pid);
                 self.vm_event(VmEvent::Restored(at, r.clone())).await;
                 if r.is_ok() {

@@ -167,6 +167,9 @@ pub struct Report {
     pub duration_ms: f64,
     /// From the old QEMU's end to the new one's resume (or readiness when paused).
     pub downtime_ms: f64,
+    /// Reading the checkpoint and rebuilding its files (disks, memory file, bases), before
+    /// the old QEMU was stopped.
+    pub fetch_ms: f64,
     /// pid of the new QEMU.
     pub pid: i32,
     /// Left paused.
@@ -328,6 +331,7 @@ pub async fn restore_with(
     // From here the old guest goes away.
     let qmp_path = resolve(&m, &m.qmp);
     let down_at = Instant::now();
+    let fetch_ms = started.elapsed().as_secs_f64() * 1000.0;
     stop_running(&qmp_path, m.pidfile.as_deref().map(|p| resolve(&m, p)), opts.running).await?;
     // Relaunch only when no QEMU of this VM is left: never two instances on one disk.
     let left = qemus_serving(&qmp_path);
@@ -358,6 +362,7 @@ pub async fn restore_with(
                 name: name.to_owned(),
                 duration_ms: started.elapsed().as_secs_f64() * 1000.0,
                 downtime_ms,
+                fetch_ms,
                 pid,
                 paused,
                 qmp: qmp_path.display().to_string(),

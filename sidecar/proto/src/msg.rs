@@ -258,6 +258,10 @@ pub enum Msg {
         pid_start: Option<u64>,
         /// How long the restore took.
         restore_ms: f64,
+        /// Of that, reading the checkpoint from the store and rebuilding its files
+        /// (disks, memory file, base images) before the old QEMU was stopped.
+        #[serde(default)]
+        fetch_ms: f64,
     },
     /// Coordinator → sidecar: resume the guest restored for `epoch`.
     Resume {
