@@ -631,8 +631,9 @@ impl Actor {
     pub async fn on_tick(&mut self) {
         if self.last_claim_check.elapsed() >= Duration::from_secs(2) {
             self.last_claim_check = Instant::now();
-            let (dir, inc, inputs) = (self.dir.clone(), self.incarnation(), self.inputs.clone());
-            tokio::task::spawn_blocking(move || match dir.superseded(inc) {
+            let (dir, inc, inputs, who) =
+                (self.dir.clone(), self.incarnation(), self.inputs.clone(), self.cfg.who.clone());
+            tokio::task::spawn_blocking(move || match dir.superseded(inc, &who) {
                 Ok(Some(by)) => {
                     let _ = inputs.send(Input::Superseded { by });
                 }

@@ -76,6 +76,8 @@ pub struct Config {
     /// The host a lost host's VMs go to first while it is up and has room (seed 003's
     /// backup host); else the host with the most free memory.
     pub standby: Option<String>,
+    /// Who this coordinator is (pid and host), as its claim on a shared store says.
+    pub who: String,
 }
 
 impl Config {
@@ -101,6 +103,12 @@ impl Config {
             lease: Duration::from_secs(5),
             lease_margin: Duration::from_secs(2),
             standby: None,
+            who: format!(
+                "coordinator pid {} on {} at unix ms {}",
+                std::process::id(),
+                std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim(),
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis())
+            ),
         }
     }
 }
@@ -163,11 +171,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         dir = dir.with_shared(objects.clone());
     }
     let keep = cfg.keep.max(1);
-    let who = format!(
-        "pid {} on {}",
-        std::process::id(),
-        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim()
-    );
+    let who = cfg.who.clone();
     let (dir, mut durable, catalog) = tokio::task::spawn_blocking(move || {
         let mut durable = dir.load()?;
         durable.incarnation += 1;

@@ -225,6 +225,11 @@ impl StateDir {
             }
             Err(e) => return Err(self.shared_err()(e)),
         }
+        // A server that ignores create-only writes lets two racing claims both "succeed":
+        // the one read back names who won.
+        if o.get(&key).map_err(self.shared_err())? != who.as_bytes() {
+            return Err(StateError::Claimed { incarnation, store: o.describe() });
+        }
         for m in o.list(CLAIMS).unwrap_or_default() {
             if parse_claim(&m.key).is_some_and(|i| i + CLAIMS_KEPT < incarnation) {
                 let _ = o.delete(&m.key);
@@ -233,12 +238,20 @@ impl StateDir {
         Ok(())
     }
 
-    /// The highest incarnation claimed on the shared store, if above `mine`: then another
-    /// coordinator has taken over, and this one must stop.
-    pub fn superseded(&self, mine: u64) -> Result<Option<u64>, StateError> {
+    /// The highest incarnation claimed on the shared store, if above `mine` (or `mine`
+    /// itself, when its claim no longer names `who`): then another coordinator has taken
+    /// over, and this one must stop.
+    pub fn superseded(&self, mine: u64, who: &str) -> Result<Option<u64>, StateError> {
         let Some(o) = &self.shared else { return Ok(None) };
         let top = o.list(CLAIMS).map_err(self.shared_err())?.iter().filter_map(|m| parse_claim(&m.key)).max();
-        Ok(top.filter(|&t| t > mine))
+        if top.is_some_and(|t| t > mine) {
+            return Ok(top);
+        }
+        match o.get(&format!("{CLAIMS}{mine:010}")) {
+            Ok(data) if data != who.as_bytes() => Ok(Some(mine)),
+            Ok(_) | Err(ObjectsError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.shared_err()(e)),
+        }
     }
 
     fn load_local(&self) -> Result<Durable, StateError> {
@@ -326,8 +339,9 @@ mod tests {
         st2.incarnation += 1;
         second.claim(st2.incarnation, "host b").expect("claim 2");
         second.save(&st2).expect("save");
-        assert_eq!(first.superseded(1).expect("list"), Some(2), "the first sees it was superseded");
-        assert_eq!(second.superseded(2).expect("list"), None);
+        assert_eq!(first.superseded(1, "host a").expect("list"), Some(2), "the first sees it was superseded");
+        assert_eq!(second.superseded(2, "host b").expect("list"), None);
+        assert_eq!(second.superseded(2, "host c").expect("list"), Some(2), "its claim names another");
     }
 
     #[test]
