@@ -5,6 +5,7 @@
 //! that are killed with their process group when the test ends, even by a panic.
 
 pub mod accel;
+pub mod agents;
 pub mod chaos;
 pub mod control;
 pub mod garage;

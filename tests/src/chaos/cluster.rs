@@ -178,19 +178,7 @@ impl Cluster {
 
     /// Runs `cutline --state STATE ARGS --json` and reads its answer.
     pub async fn cli(&self, args: &[&str]) -> anyhow::Result<Value> {
-        let mut cmd = tokio::process::Command::new(&self.cutline);
-        cmd.arg("--state").arg(&self.state).args(args).arg("--json").kill_on_drop(true);
-        cmd.env("RUST_LOG", "error");
-        let out = tokio::time::timeout(Duration::from_secs(15), cmd.output())
-            .await
-            .with_context(|| format!("cutline {} took over 15 s", args.join(" ")))??;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let v: Value = serde_json::from_str(text.trim())
-            .with_context(|| format!("cutline {}: not JSON: {text} {}", args.join(" "), out.stderr.len()))?;
-        if !out.status.success() {
-            anyhow::bail!("cutline {}: {}", args.join(" "), v.get("error").unwrap_or(&v));
-        }
-        Ok(v)
+        procs::cutline_json(&self.cutline, &self.state, args).await
     }
 
     /// `cutline status`.

@@ -285,3 +285,22 @@ mod tests {
         assert!(!p.zombie && !p.cmdline.is_empty());
     }
 }
+
+/// Runs `cutline --state STATE ARGS --json` (the real CLI) and reads its answer; an
+/// answer that is an error is an `Err` naming the command.
+pub async fn cutline_json(cutline: &Path, state: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    use anyhow::Context;
+    let mut cmd = tokio::process::Command::new(cutline);
+    cmd.arg("--state").arg(state).args(args).arg("--json").kill_on_drop(true);
+    cmd.env("RUST_LOG", "error");
+    let out = tokio::time::timeout(Duration::from_secs(15), cmd.output())
+        .await
+        .with_context(|| format!("cutline {} took over 15 s", args.join(" ")))??;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.trim())
+        .with_context(|| format!("cutline {}: not JSON: {text} {}", args.join(" "), out.stderr.len()))?;
+    if !out.status.success() {
+        anyhow::bail!("cutline {}: {}", args.join(" "), v.get("error").unwrap_or(&v));
+    }
+    Ok(v)
+}
