@@ -119,7 +119,19 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
     let bin = dir.join(name);
     {
         let mut cargo = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cargo.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).args(["build", "--quiet", "--bin", name]);
+        // The profile of the directory this binary runs from: a benchmark's is release.
+        let profile = match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev",
+            Some(p) => p,
+        };
+        cargo.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).args([
+            "build",
+            "--quiet",
+            "--profile",
+            profile,
+            "--bin",
+            name,
+        ]);
         // Without the variables cargo sets for a test run (the test's package): build
         // scripts that watch them (ring's watches CARGO_MANIFEST_DIR and CARGO_PKG_*)
         // would otherwise be rerun, and their dependents rebuilt, by every test binary
