@@ -33,6 +33,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the coordinator.
