@@ -138,6 +138,8 @@ pub struct Actor {
     host_tx: BTreeMap<String, Tx>,
     /// VMs of lost hosts not placed on a surviving host yet (none had room or was up).
     unplaced: BTreeSet<String>,
+    /// Why they wait, as last logged.
+    placement_wait: Option<String>,
     /// When the shared store was last checked for a later coordinator.
     last_claim_check: Instant,
     /// Why this coordinator must stop: another took over its store.
@@ -192,6 +194,7 @@ impl Actor {
             leases,
             host_tx: BTreeMap::new(),
             unplaced: BTreeSet::new(),
+            placement_wait: None,
             last_claim_check: Instant::now(),
             superseded: None,
         }

@@ -154,9 +154,18 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         lease: Lease::default(),
         seq: 0,
     };
-    if FileLease::read(&a.lease_path()) == FileLease::Fenced {
+    // Sidecars an earlier run of this agent left (it was killed): stopped, so that the
+    // ones this run starts own their VMs; the VMs keep running meanwhile.
+    let orphans = stop_orphans(&a.lease_path());
+    if !orphans.is_empty() {
+        tracing::warn!(host = %a.cfg.host, ?orphans, "stopped the sidecars of an earlier run of this agent");
+    }
+    match FileLease::read(&a.lease_path()) {
         // Fenced in an earlier run: a new registration starts unleased.
-        FileLease::Unleased.write(&a.lease_path())?;
+        FileLease::Fenced => FileLease::Unleased.write(&a.lease_path())?,
+        // Held by an earlier run: it still runs out on time, with or without a coordinator.
+        held @ FileLease::Held(_) => a.lease = Lease::held_until(held.until().unwrap_or_else(Instant::now)),
+        FileLease::Unleased => {}
     }
     tokio::pin!(shutdown);
     loop {
@@ -429,6 +438,30 @@ impl HostAgent {
             }
         }
     }
+}
+
+/// SIGKILLs the `cutline-sidecar serve` processes that read `lease` (started by an
+/// earlier run of this agent); returns their pids.
+fn stop_orphans(lease: &Path) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let want = lease.display().to_string();
+    let mut stopped = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<String> = cmdline.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let ours = args.iter().any(|a| a == "serve") && args.windows(2).any(|w| w[0] == "--lease-file" && w[1] == want);
+        if ours
+            && let Some(start) = crate::process::start_time(pid)
+            && crate::process::kill_checked(pid, start).unwrap_or(false)
+        {
+            stopped.push(pid);
+        }
+    }
+    stopped
 }
 
 /// Kills `name`'s sidecar, then every QEMU serving its QMP socket.

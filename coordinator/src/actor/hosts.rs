@@ -132,7 +132,11 @@ impl Actor {
         let placement = match self.leases.place(&vms, self.cfg.standby.as_deref(), &[]) {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(vms = ?self.unplaced, "waiting for a host: {e}");
+                // Said once per reason, not at every tick.
+                if self.placement_wait.as_deref() != Some(e.as_str()) {
+                    tracing::warn!(vms = ?self.unplaced, "waiting for a host: {e}");
+                    self.placement_wait = Some(e);
+                }
                 return;
             }
         };
@@ -146,6 +150,7 @@ impl Actor {
             tracing::error!("cannot record where the VMs of lost hosts go: {e}");
             return;
         }
+        self.placement_wait = None;
         for (vm, to) in placement {
             self.unplaced.remove(&vm);
             let qmp = self.durable.members.get(&vm).map(|m| m.qmp.clone()).unwrap_or_default();

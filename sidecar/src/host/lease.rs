@@ -96,6 +96,12 @@ impl Default for Lease {
 }
 
 impl Lease {
+    /// A lease already held until `until`: an earlier run of this host agent's, read back
+    /// from the lease file, so that a restarted agent still fences on time.
+    pub fn held_until(until: Instant) -> Lease {
+        Lease { state: LeaseState::Held { until }, sent: VecDeque::new() }
+    }
+
     /// Where it stands.
     pub fn state(&self) -> &LeaseState {
         &self.state
@@ -226,6 +232,17 @@ mod tests {
         assert_eq!(l.step(LeaseEvent::Tick { now: t0 + Duration::from_secs(3600) }).expect("tick"), vec![]);
         let fx = l.step(LeaseEvent::Revoked { why: "host lost".into() }).expect("revoked");
         assert!(matches!(&fx[..], [LeaseEffect::Fence { why }] if why.contains("host lost")));
+    }
+
+    #[test]
+    fn a_lease_read_back_still_expires() {
+        let t0 = Instant::now();
+        let mut l = Lease::held_until(t0 + ms(100));
+        assert_eq!(l.step(LeaseEvent::Tick { now: t0 }).expect("tick"), vec![]);
+        assert!(matches!(
+            &l.step(LeaseEvent::Tick { now: t0 + ms(100) }).expect("tick")[..],
+            [LeaseEffect::Fence { .. }]
+        ));
     }
 
     #[test]

@@ -34,6 +34,17 @@ impl FileLease {
         FileLease::Held(boottime_ns() + left.as_nanos())
     }
 
+    /// The lease's end as an instant of this process, while held (now, when past).
+    pub fn until(&self) -> Option<Instant> {
+        match *self {
+            FileLease::Held(until) => {
+                let left = until.saturating_sub(boottime_ns());
+                Some(Instant::now() + Duration::from_nanos(u64::try_from(left).unwrap_or(u64::MAX)))
+            }
+            _ => None,
+        }
+    }
+
     /// Whether the VMs must be stopped now.
     pub fn must_fence(&self) -> bool {
         match *self {
