@@ -201,18 +201,7 @@ impl LocalCluster {
     /// reports), replacing the guests' handles.
     pub async fn adopt(&mut self) -> anyhow::Result<()> {
         let s = self.ask(Request::Status).await?;
-        for g in self.guests.iter_mut() {
-            let pid = s["members"]
-                .as_array()
-                .and_then(|m| m.iter().find(|x| x["name"] == g.name.as_str()))
-                .and_then(|x| x["pid"].as_i64())
-                .ok_or_else(|| anyhow::anyhow!("no pid for {}", g.name))? as i32;
-            if pid != g.pid() {
-                let new = g.adopt(pid).await?;
-                let old = std::mem::replace(g, new);
-                drop(old);
-            }
-        }
+        cutline_tests::agents::adopt(&mut self.guests, &s).await?;
         Ok(())
     }
 
