@@ -177,7 +177,10 @@ impl Store {
             ));
         }
         let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = dest.with_file_name(format!(".{name}.cutline-tmp"));
+        // Restores of two VMs on one host may fetch the same base at once: each its own temp.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dest.with_file_name(format!(".{name}.{}.{n}.cutline-tmp", std::process::id()));
         let result = (|| {
             let f = private::create(&tmp).map_err(io("cannot create", &tmp))?;
             let mut hasher = Sha256::new();
@@ -276,7 +279,13 @@ mod tests {
         swapped.blocks.swap(0, 2);
         let dest2 = d.path().join("second");
         assert!(other.restore_base(&swapped, &dest2).is_err());
-        assert!(!dest2.exists() && !d.path().join(".second.cutline-tmp").exists());
+        assert!(!dest2.exists());
+        let left: Vec<_> = std::fs::read_dir(d.path())
+            .expect("ls")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".second."))
+            .collect();
+        assert!(left.is_empty(), "no temp file left: {left:?}");
     }
 
     #[test]
