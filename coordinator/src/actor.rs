@@ -87,7 +87,6 @@ enum Health {
 struct Conn {
     id: u64,
     tx: Tx,
-    local: bool,
 }
 
 struct Member {
@@ -95,6 +94,9 @@ struct Member {
     pid: Option<i32>,
     pid_start: Option<u64>,
     conn: Option<Conn>,
+    /// Its sidecar last registered over the unix socket, so its pids are this host's:
+    /// kept when the connection goes, since the pid is evidence only then.
+    local: bool,
     last_seen: Instant,
     health: Health,
 }
@@ -102,7 +104,15 @@ struct Member {
 impl Member {
     /// A member known from the membership, not heard from yet.
     fn new(info: MemberInfo) -> Member {
-        Member { info, pid: None, pid_start: None, conn: None, last_seen: Instant::now(), health: Health::Unknown }
+        Member {
+            info,
+            pid: None,
+            pid_start: None,
+            conn: None,
+            local: false,
+            last_seen: Instant::now(),
+            health: Health::Unknown,
+        }
     }
 }
 
@@ -524,7 +534,8 @@ impl Actor {
         if pid.is_some() {
             (m.pid, m.pid_start) = (pid, pid_start);
         }
-        m.conn = Some(Conn { id: conn, tx, local });
+        m.conn = Some(Conn { id: conn, tx });
+        m.local = local;
         m.last_seen = Instant::now();
         if matches!(m.health, Health::Unknown | Health::SidecarLost(_)) {
             m.health = Health::Up;
@@ -689,8 +700,9 @@ impl Actor {
         let mut failed = Vec::new();
         let mut lost = Vec::new();
         for (n, m) in &self.members {
-            let local = m.conn.as_ref().is_none_or(|c| c.local);
-            let qemu_gone = local && m.pid.is_some_and(|p| !sidecar::process::runs(p, m.pid_start));
+            // A pid is evidence only on the host it lives on: a sidecar over TCP (now or
+            // when last connected) runs elsewhere; its host's lease speaks for it.
+            let qemu_gone = m.local && m.pid.is_some_and(|p| !sidecar::process::runs(p, m.pid_start));
             let silent = m.conn.is_some() && m.last_seen.elapsed() > timeout;
             match &m.health {
                 Health::Up | Health::SidecarLost(_) | Health::Unknown if qemu_gone && (silent || m.conn.is_none()) => {
