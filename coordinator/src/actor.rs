@@ -3,7 +3,7 @@
 //! blocking pool, verification runs in the sidecars, liveness is read from /proc.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
@@ -18,7 +18,7 @@ use crate::server::{Config, Rollback};
 use crate::state::{self, MemberInfo, StateDir};
 
 mod ask;
-mod hosts;
+pub mod hosts;
 mod status;
 mod verify;
 
@@ -142,8 +142,10 @@ pub struct Actor {
     recovery_waiters: Vec<Reply>,
     verifies: Vec<PendingVerify>,
     inputs: mpsc::UnboundedSender<Input>,
-    /// The hosts and their leases.
-    leases: Leases,
+    /// The hosts and their leases: shared with the connections, which grant heartbeats
+    /// themselves, so that no slow step of this loop (a state write to a store that
+    /// hangs) starves the hosts of their leases and makes them all fence.
+    leases: Arc<Mutex<Leases>>,
     /// Each connected host agent's writer.
     host_tx: BTreeMap<String, Tx>,
     /// VMs of lost hosts not placed on a surviving host yet (none had room or was up).
@@ -173,11 +175,14 @@ impl Actor {
         dir: StateDir,
         durable: state::Durable,
         inputs: mpsc::UnboundedSender<Input>,
+        leases: Arc<Mutex<Leases>>,
     ) -> Actor {
         let members = durable.members.iter().map(|(n, info)| (n.clone(), Member::new(info.clone()))).collect();
-        let mut leases = Leases::new(cfg.lease, cfg.lease_margin, Instant::now());
-        for h in durable.members.values().filter_map(|m| m.host.as_deref()) {
-            leases.expect(h, Instant::now());
+        {
+            let mut l = leases.lock().unwrap_or_else(|e| e.into_inner());
+            for h in durable.members.values().filter_map(|m| m.host.as_deref()) {
+                l.expect(h, Instant::now());
+            }
         }
         let settings = Settings {
             step_timeout: cfg.step_timeout,
@@ -208,6 +213,10 @@ impl Actor {
             last_claim_check: Instant::now(),
             superseded: None,
         }
+    }
+
+    fn leases(&self) -> MutexGuard<'_, Leases> {
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Why this coordinator must stop, once another has taken over its store.
@@ -390,7 +399,7 @@ impl Actor {
                 self.on_host_register(conn, tx, env)
             }
             Input::Register { conn, tx, local, env } => self.on_register(conn, tx, local, env).await,
-            Input::Msg { conn, env } if self.leases.of_conn(conn).is_some() => self.on_host_msg(conn, env),
+            Input::Msg { conn, env } if self.leases().of_conn(conn).is_some() => self.on_host_msg(conn, env),
             Input::Msg { conn, env } => {
                 let Some(name) = self.member_of_conn(conn) else { return };
                 if env.inc != self.incarnation() {
@@ -408,8 +417,9 @@ impl Actor {
                 }
                 self.on_member_msg(&name, env);
             }
-            Input::Closed { conn } if self.leases.of_conn(conn).is_some() => {
-                if let Some(host) = self.leases.closed(conn) {
+            Input::Closed { conn } if self.leases().of_conn(conn).is_some() => {
+                let closed = self.leases().closed(conn);
+                if let Some(host) = closed {
                     tracing::warn!(host = %host, "host agent disconnected: its lease runs out unless it comes back");
                     self.host_tx.remove(&host);
                 }
@@ -482,7 +492,7 @@ impl Actor {
             ));
         }
         if let Some(h) = &host
-            && matches!(self.leases.hosts.get(h).map(|x| &x.state), Some(HostState::Lost { .. }))
+            && matches!(self.leases().hosts.get(h).map(|x| &x.state), Some(HostState::Lost { .. }))
         {
             return refuse(format!("host {h} was declared lost: its sidecars are refused until it registers again"));
         }
@@ -660,7 +670,8 @@ impl Actor {
                 Err(e) => tracing::warn!("cannot check the store for another coordinator: {e}"),
             });
         }
-        for (host, why) in self.leases.expire(Instant::now()) {
+        let lost = self.leases().expire(Instant::now());
+        for (host, why) in lost {
             self.host_lost(&host, &why).await;
         }
         self.place_pending().await;

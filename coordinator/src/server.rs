@@ -186,11 +186,16 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     dir.save(&durable)?;
     tracing::info!(records = %catalog.describe(), "commit records");
     let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Input>();
-    let listeners = listen(&cfg, acceptor, in_tx.clone()).await?;
+    let leases = Arc::new(std::sync::Mutex::new(crate::hosts::Leases::new(
+        cfg.lease,
+        cfg.lease_margin,
+        Instant::now().into_std(),
+    )));
+    let listeners = listen(&cfg, acceptor, in_tx.clone(), leases.clone()).await?;
     tracing::info!(socket = %cfg.socket.display(), incarnation = durable.incarnation, next_epoch = durable.next_epoch,
         members = durable.members.len(), "coordinator running");
     let socket = cfg.socket.clone();
-    let mut actor = Actor::new(cfg, cluster, catalog, dir, durable, in_tx);
+    let mut actor = Actor::new(cfg, cluster, catalog, dir, durable, in_tx, leases);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tokio::pin!(shutdown);
     loop {
@@ -223,6 +228,7 @@ async fn listen(
     cfg: &Config,
     acceptor: Option<TlsAcceptor>,
     in_tx: mpsc::UnboundedSender<Input>,
+    leases: Arc<std::sync::Mutex<crate::hosts::Leases>>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, ServerError> {
     let mut tasks = Vec::new();
     let _ = std::fs::remove_file(&cfg.socket);
@@ -237,13 +243,20 @@ async fn listen(
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let first = cfg.first_message_timeout;
     {
-        let (in_tx, ids, slots) = (in_tx.clone(), ids.clone(), slots.clone());
+        let (in_tx, ids, slots, leases) = (in_tx.clone(), ids.clone(), slots.clone(), leases.clone());
         tasks.push(tokio::spawn(async move {
             loop {
                 match unix.accept().await {
                     Ok((s, _)) => {
                         let id = ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let peer = Peer { id, addr: None, token: None, local: true, first_message_timeout: first };
+                        let peer = Peer {
+                            id,
+                            addr: None,
+                            token: None,
+                            local: true,
+                            first_message_timeout: first,
+                            leases: leases.clone(),
+                        };
                         serve(peer, Incoming::Unix(s), &slots, &in_tx);
                     }
                     Err(e) => accept_failed("unix", e).await,
@@ -269,6 +282,7 @@ async fn listen(
                             token: Some(token.clone()),
                             local: false,
                             first_message_timeout: first,
+                            leases: leases.clone(),
                         };
                         serve(peer, Incoming::Tcp(s, acceptor.clone()), &slots, &in_tx);
                     }
@@ -301,6 +315,8 @@ struct Peer {
     token: Option<Token>,
     local: bool,
     first_message_timeout: Duration,
+    /// The lease table: a host agent's heartbeats are granted here, not by the actor.
+    leases: Arc<std::sync::Mutex<crate::hosts::Leases>>,
 }
 
 /// A connection as accepted, before its handshake.
@@ -427,6 +443,7 @@ async fn connection(peer: Peer, r: Reader, w: Writer, deadline: Instant, in_tx: 
             }
             let mut w = w;
             let (tx, mut rx) = mpsc::unbounded_channel::<Envelope>();
+            let direct = tx.clone();
             let _ = in_tx.send(Input::Register { conn: id, tx, local: peer.local, env: first });
             // The writer ends when the actor drops this member's sender (a refusal, a
             // replaced connection): then the connection closes.
@@ -442,9 +459,14 @@ async fn connection(peer: Peer, r: Reader, w: Writer, deadline: Instant, in_tx: 
                 tokio::select! {
                     _ = &mut writer => break,
                     env = r.next() => match env {
-                        Ok(env) => {
-                            let _ = in_tx.send(Input::Msg { conn: id, env });
-                        }
+                        Ok(env) => match crate::actor::hosts::grant(&peer.leases, id, &env.msg) {
+                            Some(answer) => {
+                                let _ = direct.send(Envelope::plain(answer));
+                            }
+                            None => {
+                                let _ = in_tx.send(Input::Msg { conn: id, env });
+                            }
+                        },
                         Err(proto::FrameError::Closed | proto::FrameError::Io(_)) => break,
                         Err(e) => tracing::warn!(conn = id, addr, "malformed message ignored: {e}"),
                     }

@@ -2,13 +2,14 @@
 //! host's VMs failed and placed on surviving hosts.
 
 use std::collections::BTreeSet;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use serde_json::json;
 use sidecar::proto::{Envelope, Msg, PROTOCOL, VectorClock};
 
 use super::{Actor, Tx, ms, now_ms};
-use crate::hosts::HostInfo;
+use crate::hosts::{HostInfo, Leases};
 use crate::phase::Event;
 
 impl Actor {
@@ -35,7 +36,8 @@ impl Actor {
             return refuse(format!("bad host name: {e}"));
         }
         let info = HostInfo { address, cores, mem_total, mem_available, qemu };
-        if let Err(e) = self.leases.register(&host, info, conn, Instant::now()) {
+        let registered = self.leases().register(&host, info, conn, Instant::now());
+        if let Err(e) = registered {
             return refuse(e.to_string());
         }
         let _ = tx.send(Envelope {
@@ -71,20 +73,11 @@ impl Actor {
         self.host_tx.insert(host, tx);
     }
 
-    /// A host agent's later message: heartbeats are granted leases, or refused.
+    /// A host agent's later message (its heartbeats are granted by its connection, see
+    /// [`grant`]): nothing else is expected.
     pub(super) fn on_host_msg(&mut self, conn: u64, env: Envelope) {
-        let Some(host) = self.leases.of_conn(conn).map(str::to_owned) else { return };
-        let Msg::HostHeartbeat { seq, mem_available, vms } = env.msg else {
-            tracing::debug!(host = %host, "ignored {} from a host agent", env.msg.kind());
-            return;
-        };
-        let reply = match self.leases.heartbeat(&host, conn, mem_available, vms, Instant::now()) {
-            Ok(ms) => Msg::Lease { seq, ms },
-            Err(e) => Msg::Revoked { reason: e.to_string() },
-        };
-        if let Some(tx) = self.host_tx.get(&host) {
-            let _ = tx.send(Envelope::plain(reply));
-        }
+        let host = self.leases().of_conn(conn).map(str::to_owned).unwrap_or_default();
+        tracing::debug!(host = %host, "ignored {} from a host agent", env.msg.kind());
     }
 
     /// `host`'s lease and margin ran out: its VMs are failed (fenced there by now) and
@@ -93,7 +86,7 @@ impl Actor {
     pub(super) async fn host_lost(&mut self, host: &str, why: &str) {
         tracing::error!(host = %host, "host lost: {why}");
         let since_grant_ms =
-            self.leases.hosts.get(host).map_or(0.0, |h| ms(Instant::now().duration_since(h.last_grant)));
+            self.leases().hosts.get(host).map_or(0.0, |h| ms(Instant::now().duration_since(h.last_grant)));
         self.figures.detections.push(json!({"host": host, "reason": why, "at_unix_ms": now_ms(),
             "last_grant_unix_ms": now_ms().saturating_sub(since_grant_ms as u64)}));
         if let Some(tx) = self.host_tx.remove(host) {
@@ -129,7 +122,8 @@ impl Actor {
             .iter()
             .map(|n| (n.clone(), self.durable.members.get(n).and_then(|m| m.ram_bytes).unwrap_or(256 << 20)))
             .collect();
-        let placement = match self.leases.place(&vms, self.cfg.standby.as_deref(), &[]) {
+        let placed = self.leases().place(&vms, self.cfg.standby.as_deref(), &[]);
+        let placement = match placed {
             Ok(p) => p,
             Err(e) => {
                 // Said once per reason, not at every tick.
@@ -164,4 +158,16 @@ impl Actor {
             }
         }
     }
+}
+
+/// Grants (or refuses) a heartbeat that arrived on connection `conn`, in the connection's
+/// own task: the answer, `Lease` or `Revoked`, or `None` when `conn` is no host's.
+pub fn grant(leases: &Mutex<Leases>, conn: u64, msg: &Msg) -> Option<Msg> {
+    let Msg::HostHeartbeat { seq, mem_available, vms } = msg else { return None };
+    let mut l = leases.lock().unwrap_or_else(|e| e.into_inner());
+    let host = l.of_conn(conn)?.to_owned();
+    Some(match l.heartbeat(&host, conn, *mem_available, vms.clone(), Instant::now()) {
+        Ok(ms) => Msg::Lease { seq: *seq, ms },
+        Err(e) => Msg::Revoked { reason: e.to_string() },
+    })
 }

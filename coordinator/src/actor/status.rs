@@ -44,7 +44,7 @@ impl Actor {
         };
         let now = Instant::now();
         let hosts: Vec<Value> = self
-            .leases
+            .leases()
             .hosts
             .iter()
             .map(|(n, h)| {
