@@ -208,12 +208,22 @@ impl Catalog {
             }
         }
         let mut cache = BTreeMap::new();
+        let newest = by_epoch.keys().max().copied();
         for (epoch, keys) in by_epoch {
             if keys.len() > 1 {
                 return Err(RecordError::Duplicate { epoch, keys });
             }
             let key = keys.into_iter().next().unwrap_or_default();
-            let record = read_record(&objects, &key)?;
+            // An older record listed, then gone: pruned meanwhile by a coordinator that had
+            // not stopped yet, or a listing that still showed a deleted object. The newest
+            // one is never skipped: that would roll the cluster's history back.
+            let record = match read_record(&objects, &key) {
+                Err(RecordError::Store(ObjectsError::NotFound { .. })) if Some(epoch) != newest => {
+                    tracing::warn!(epoch, "record {key} was listed but is gone: skipped");
+                    continue;
+                }
+                r => r?,
+            };
             cache.insert(epoch, (key, record));
         }
         Ok(Catalog { objects, incarnation, cache: Arc::new(Mutex::new(cache)), doubtful: Arc::default() })
