@@ -218,21 +218,29 @@ pub async fn restore_with(
     let started = Instant::now();
     // A checkpoint being armed or stored holds the VM for a moment: wait for it.
     let _vm = store.lock_vm_within(name, Duration::from_secs(30)).await?;
-    let id = match id {
-        Some(id) => id,
-        None => *store.ids(name)?.last().ok_or_else(|| StoreError::NoCheckpoint {
-            name: name.to_owned(),
-            id: "any".into(),
-            store: store.root().to_owned(),
-        })?,
-    };
-    // Only a manifest a commit record names, or the store signed, is trusted; and even
-    // then only to run QEMU and to write the VM's own disks.
-    let trust = match &opts.digest {
-        Some(d) => Trust::Committed(d),
-        None => Trust::Signed,
-    };
-    let m = store.trusted_manifest(name, id, trust)?;
+    // Reading the store may be a network request: off the async threads, so that the
+    // sidecar's heartbeats go on while a slow store answers.
+    let (s, n, digest) = (store.clone(), name.to_owned(), opts.digest.clone());
+    let m = tokio::task::spawn_blocking(move || {
+        let id = match id {
+            Some(id) => id,
+            None => *s.ids(&n)?.last().ok_or_else(|| StoreError::NoCheckpoint {
+                name: n.clone(),
+                id: "any".into(),
+                store: s.root().to_owned(),
+            })?,
+        };
+        // Only a manifest a commit record names, or the store signed, is trusted; and
+        // even then only to run QEMU and to write the VM's own disks.
+        let trust = match &digest {
+            Some(d) => Trust::Committed(d),
+            None => Trust::Signed,
+        };
+        s.trusted_manifest(&n, id, trust)
+    })
+    .await
+    .map_err(|e| RestoreError::Relaunch(format!("manifest task: {e}")))??;
+    let id = m.id;
     trust::check_program(&m)?;
     trust::check_disks(&m, store)?;
     progress(&format!("verifying checkpoint {id} of {name}"));
