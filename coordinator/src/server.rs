@@ -443,7 +443,9 @@ async fn connection(peer: Peer, r: Reader, w: Writer, deadline: Instant, in_tx: 
             }
             let mut w = w;
             let (tx, mut rx) = mpsc::unbounded_channel::<Envelope>();
-            let direct = tx.clone();
+            // A host agent's heartbeats are answered here; weakly held, so the connection
+            // still closes when the actor drops the peer's sender.
+            let direct = tx.downgrade();
             let _ = in_tx.send(Input::Register { conn: id, tx, local: peer.local, env: first });
             // The writer ends when the actor drops this member's sender (a refusal, a
             // replaced connection): then the connection closes.
@@ -461,7 +463,9 @@ async fn connection(peer: Peer, r: Reader, w: Writer, deadline: Instant, in_tx: 
                     env = r.next() => match env {
                         Ok(env) => match crate::actor::hosts::grant(&peer.leases, id, &env.msg) {
                             Some(answer) => {
-                                let _ = direct.send(Envelope::plain(answer));
+                                if let Some(tx) = direct.upgrade() {
+                                    let _ = tx.send(Envelope::plain(answer));
+                                }
                             }
                             None => {
                                 let _ = in_tx.send(Input::Msg { conn: id, env });

@@ -77,6 +77,9 @@ pub enum HostError {
     Store(#[from] crate::store::StoreError),
 }
 
+/// How long a connect to the coordinator may take before the agent tries again.
+const CONNECT_WITHIN: Duration = Duration::from_secs(2);
+
 /// The VMs a host runs, kept in `STATE/vms.json` so a restarted agent runs them again.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -240,7 +243,11 @@ impl HostAgent {
 
     /// One connection to the coordinator: register, then heartbeats and orders.
     async fn session(&mut self) -> Result<(), SessionError> {
-        let (r, mut w) = self.cfg.coordinator.connect().await?;
+        // A lease is a few seconds: a connect to an address gone dead must give up well
+        // within it, so that the agent reaches a coordinator started elsewhere in time.
+        let (r, mut w) = tokio::time::timeout(CONNECT_WITHIN, self.cfg.coordinator.connect())
+            .await
+            .map_err(|_| SessionError::NoWelcome("no connection within 2 s"))??;
         let mut reader = FrameReader::new(r);
         let (cores, mem_total, mem_available, qemu) = resources();
         let register = Msg::HostRegister {

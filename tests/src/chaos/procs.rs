@@ -273,19 +273,6 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
     Ok(s.blocks_available() as u64 * s.fragment_size() as u64)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn colours_are_stripped_and_this_process_is_seen() {
-        assert_eq!(strip_ansi("\u{1b}[2m2026\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m x"), "2026  WARN x");
-        let me = std::process::id() as i32;
-        let p = processes().into_iter().find(|p| p.pid == me).expect("this process in /proc");
-        assert!(!p.zombie && !p.cmdline.is_empty());
-    }
-}
-
 /// Runs `cutline --state STATE ARGS --json` (the real CLI) and reads its answer; an
 /// answer that is an error is an `Err` naming the command.
 pub async fn cutline_json(cutline: &Path, state: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
@@ -303,4 +290,17 @@ pub async fn cutline_json(cutline: &Path, state: &Path, args: &[&str]) -> anyhow
         anyhow::bail!("cutline {}: {}", args.join(" "), v.get("error").unwrap_or(&v));
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colours_are_stripped_and_this_process_is_seen() {
+        assert_eq!(strip_ansi("\u{1b}[2m2026\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m x"), "2026  WARN x");
+        let me = std::process::id() as i32;
+        let p = processes().into_iter().find(|p| p.pid == me).expect("this process in /proc");
+        assert!(!p.zombie && !p.cmdline.is_empty());
+    }
 }
