@@ -80,7 +80,10 @@ async fn a_host_without_its_lease_fences_its_vms_first_and_they_come_back_from_t
     eprintln!("recovered {:?} after the partition began", cut.elapsed());
     let rec = &back["figures"]["recent"]["recoveries"]["last"];
     assert_eq!(rec.as_array().and_then(|r| r.last()).map(|r| r["epoch"].clone()), Some(epoch.into()), "{rec}");
-    assert!(back["figures"]["recent"]["detections"].to_string().contains("h1"), "{back}");
+    // Detected either way: the host's lease and margin ran out, or (the sidecars being
+    // local) its fenced QEMUs were found gone first; both are evidence.
+    let detections = back["figures"]["recent"]["detections"].to_string();
+    assert!(detections.contains("h1") || detections.contains("is gone"), "{back}");
     agents::adopt(&mut guests, &back).await.expect("adopt");
     let inv = oracle::check(&guests, BALANCE).await.expect("oracle");
     assert!(inv.ledger_ok && inv.journals_ok, "{:#}", inv.detail);
