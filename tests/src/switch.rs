@@ -305,6 +305,13 @@ mod tests {
         let mut buf = [0u8; 1500];
         // Guest 1 has not sent: guest 0's broadcast reaches nobody, but teaches the switch.
         g0.send_to(&frame([0xff; 6], a, b"hello"), sw.ports()[0].switch_addr).expect("send");
+        // Each port has its own thread: guest 1's broadcast must come after the switch
+        // learned guest 0, or it floods to nobody.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while sw.learned()[0].is_none() {
+            assert!(std::time::Instant::now() < deadline, "guest 0 was never learned");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         g1.send_to(&frame([0xff; 6], b, b"here"), sw.ports()[1].switch_addr).expect("send");
         let n = g0.recv(&mut buf).expect("guest 0 learned");
         assert_eq!(&buf[14..n], b"here");
