@@ -32,6 +32,22 @@ async fn wait_no_qemu(dir: &Path, timeout: Duration) -> Duration {
     t.elapsed()
 }
 
+/// Kills every process of the run (daemons, orphaned sidecars, relaunched QEMUs) when
+/// dropped, so that a failed assertion leaves nothing running.
+struct Cleanup(std::path::PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let dir = self.0.display().to_string();
+        for p in cutline_tests::chaos::procs::processes() {
+            if !p.zombie && p.cmdline.iter().any(|a| a.contains(&dir)) {
+                let _ = kill(Pid::from_raw(p.pid), Signal::SIGKILL);
+            }
+        }
+        kill_qemus_under(&self.0);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_without_its_lease_fences_its_vms_first_and_they_come_back_from_the_last_epoch() {
     cutline_tests::init_tracing();
@@ -47,6 +63,7 @@ async fn a_host_without_its_lease_fences_its_vms_first_and_they_come_back_from_t
         g.control().wait_from(0, "ready", |v| v["event"] == "ready", Duration::from_secs(90)).await.expect("ready");
     }
     let dir = env.dir().to_owned();
+    let _cleanup = Cleanup(dir.clone());
     let mut coordinator = agents::coordinator(&dir, Duration::from_millis(300), LEASE, MARGIN, &["--timeout", "2s"])
         .expect("coordinator");
     let mut host = agents::host(&dir, "h1", &guests.iter().collect::<Vec<_>>()).expect("host agent");
