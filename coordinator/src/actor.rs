@@ -456,6 +456,18 @@ impl Actor {
         }
     }
 
+    /// Why a peer (`who`: a VM's name, or `host NAME`) of protocol `version` asking for
+    /// `cluster` is refused, if it is.
+    fn admit(&self, who: &str, version: u32, cluster: &str) -> Result<(), String> {
+        if version != PROTOCOL {
+            return Err(format!("{who} speaks protocol version {version}; this coordinator speaks {PROTOCOL}"));
+        }
+        if cluster != self.cluster {
+            return Err(format!("no cluster {cluster} here (serving {})", self.cluster));
+        }
+        Ok(())
+    }
+
     async fn on_register(&mut self, conn: u64, tx: Tx, local: bool, env: Envelope) {
         let Msg::Register { version, cluster, name, qmp, store, pid, pid_start, checkpoints, host, ram_bytes, .. } =
             env.msg
@@ -466,11 +478,8 @@ impl Actor {
             tracing::warn!("registration refused: {what}");
             let _ = tx.send(Envelope::plain(Msg::Error { what }));
         };
-        if version != PROTOCOL {
-            return refuse(format!("{name} speaks protocol version {version}; this coordinator speaks {PROTOCOL}"));
-        }
-        if cluster != self.cluster {
-            return refuse(format!("no cluster {cluster} here (serving {})", self.cluster));
+        if let Err(e) = self.admit(&name, version, &cluster) {
+            return refuse(e);
         }
         if let Err(e) = sidecar::VmName::new(&name) {
             return refuse(e);

@@ -24,13 +24,8 @@ impl Actor {
             tracing::warn!("host registration refused: {what}");
             let _ = tx.send(Envelope::plain(Msg::Error { what }));
         };
-        if version != PROTOCOL {
-            return refuse(format!(
-                "host {host} speaks protocol version {version}; this coordinator speaks {PROTOCOL}"
-            ));
-        }
-        if cluster != self.cluster {
-            return refuse(format!("no cluster {cluster} here (serving {})", self.cluster));
+        if let Err(e) = self.admit(&format!("host {host}"), version, &cluster) {
+            return refuse(e);
         }
         if let Err(e) = sidecar::VmName::new(&host) {
             return refuse(format!("bad host name: {e}"));
